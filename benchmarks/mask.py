@@ -1,0 +1,195 @@
+"""Benchmark of masking: a 100 000-particle stack, a 256³ volume, and the ``mask`` step's cost.
+
+Run with ``.venv/bin/python benchmarks/mask.py [--particles N] [--keep DIR]``. Prints lines like::
+
+    mask: 100000 particles 64x64 in 1.23 s (81300 particles/s)
+
+The chain-cost part times the real extraction job (:func:`flybox.job.run_job`: read the
+micrograph, extract 300 boxes of 256 px, Fourier-crop a 64-px set, ramp-normalise, invert,
+write both stacks and STAR files) with and without a ``mask`` step, interleaved over several
+rounds, best time of each; the target is a mask cost below 5 % of the chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from flybox.io.mrc import read_stack
+from flybox.io.mrc_write import StackWriter, write_volume
+from flybox.masking import Masker, mask_stack_file, mask_volumes
+from flybox.processors.mask import (
+    MaskSettings,
+    apply_mask,
+    mask_2d,
+    mask_3d,
+)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+def best_of(repeats: int, function: Callable[[], object]) -> float:
+    """Shortest wall time of ``repeats`` calls, in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def stack_throughput(folder: Path, count: int, box: int = 64) -> None:
+    """Mask an ``.mrcs`` of ``count`` random particles file to file with ``flybox mask``."""
+    source = folder / "particles.mrcs"
+    rng = np.random.default_rng(1)
+    with StackWriter(source, box, 1.0) as writer:
+        for start in range(0, count, 10_000):
+            n = min(10_000, count - start)
+            writer.append(rng.standard_normal((n, box, box), dtype=np.float32))
+    os.sync()  # flush the new stack, so that its write-back does not land in the timings
+    cases = [
+        ("raised_cosine", MaskSettings(shape="raised_cosine", inner=24, outer=30)),
+        ("circular, fill avg", MaskSettings(shape="circular", radius=28, fill="avg")),
+    ]
+    images, _ = read_stack(source)
+    chunk = 1024
+    for label, settings in cases:
+        mask = mask_2d(box, settings)
+
+        def in_memory(m: FloatArray = mask, s: MaskSettings = settings) -> None:
+            for start in range(0, count, chunk):
+                apply_mask(images[start : start + chunk], m, s.fill, binary=s.binary)
+
+        seconds = best_of(3, in_memory)
+        print(
+            f"mask: {count} particles {box}x{box} in {seconds:.2f} s "
+            f"({count / seconds:.0f} particles/s) [{label}, in memory]"
+        )
+    for label, settings in cases:
+        masker = Masker(settings)
+
+        def file_to_file(m: Masker = masker) -> None:
+            mask_stack_file(source, folder / "out.mrcs", m)
+
+        seconds = best_of(3, file_to_file)
+        print(
+            f"mask: {count} particles {box}x{box} in {seconds:.2f} s "
+            f"({count / seconds:.0f} particles/s) [{label}, .mrcs file to file]"
+        )
+
+
+def volume_throughput(folder: Path, size: int = 256) -> None:
+    """Mask a ``size``³ map in memory and file to file."""
+    rng = np.random.default_rng(2)
+    volume = rng.standard_normal((size, size, size), dtype=np.float32)
+    settings = MaskSettings(shape="raised_crown", inner=20, outer=100, decay=6)
+    voxels = volume.size
+    build = best_of(3, lambda: mask_3d(volume.shape, settings))
+    mask = mask_3d(volume.shape, settings)
+    apply = best_of(3, lambda: apply_mask(volume, mask, binary=False))
+    print(
+        f"mask: volume {size}^3 build mask {build:.2f} s, apply {apply:.3f} s "
+        f"({voxels / apply:.3g} voxels/s) [raised_crown, in memory]"
+    )
+    source = folder / "volume.mrc"
+    write_volume(source, volume, voxel_size_a=1.0)
+    seconds = best_of(2, lambda: mask_volumes([source], [folder / "masked.mrc"], Masker(settings)))
+    print(
+        f"mask: volume {size}^3 in {seconds:.2f} s ({voxels / seconds:.3g} voxels/s) "
+        "[raised_crown, file to file, mask built once per run]"
+    )
+
+
+BASE_CHAIN: list[dict[str, object]] = [
+    {"step": "extract", "box": 256},
+    {"step": "fourier_crop", "outputs": {"particles": 256, "particles_small": 64}},
+    {"step": "normalize", "method": "ramp"},
+    {"step": "invert"},
+]
+
+
+def chain_jobs(folder: Path, chains: dict[str, list[dict[str, object]]]) -> dict[str, Any]:
+    """One real extraction job per chain, all on the same 4096² micrograph with 300 picks."""
+    from flybox.daemon.simulate import synthetic_micrograph
+    from flybox.io.coords import write_coordinates_star
+    from flybox.io.mrc_write import write_micrograph
+    from flybox.job import MicrographJob
+
+    mic = folder / "chain.mrc"
+    simulated = synthetic_micrograph(4096, 300, rng=3, edge_fraction=0.05)
+    write_micrograph(mic, simulated.image, 1.0)
+    write_coordinates_star(folder / "chain_picks.star", simulated.picks)
+    return {
+        label: MicrographJob(
+            micrograph=str(mic),
+            name="chain.mrc",
+            output_dir=str(folder / "chain_out"),
+            chain=chain,
+            coordinates=str(folder / "chain_picks.star"),
+        )
+        for label, chain in chains.items()
+    }
+
+
+def mask_step_cost(folder: Path, rounds: int = 15) -> None:
+    """The cost a ``mask`` step adds to the full extraction chain (real job, both streams).
+
+    The chains are run in interleaved rounds, each round in a rotated order (so that machine
+    noise and order effects hit all alike), and the best CPU time of each (this process;
+    waits for the disk and the scheduler excluded, they swamp a few percent here) is compared.
+    """
+    from flybox.job import discard_job, run_job
+
+    masks = {
+        "raised_cosine": {"shape": "raised_cosine", "inner": 100, "outer": 120},
+        "circular, fill avg": {"shape": "circular", "radius": 110, "fill": "avg"},
+        "soft_background": {"shape": "raised_crown", "outer": 110, "decay": 10,
+                            "fill": "soft_background"},
+    }  # fmt: skip
+    chains = {"none": BASE_CHAIN}
+    chains.update({label: [*BASE_CHAIN, {"step": "mask", **m}] for label, m in masks.items()})
+    jobs = chain_jobs(folder, chains)
+    best = {label: float("inf") for label in jobs}
+    labels = list(jobs)
+    for round_index in range(rounds + 1):  # round 0 warms up (plans, kernels, caches)
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            job = jobs[label]
+            started = time.process_time()
+            discard_job(run_job(job))
+            if round_index:
+                best[label] = min(best[label], time.process_time() - started)
+    base = best.pop("none")
+    print(
+        f"chain: 1 micrograph 4096x4096, 300 particles -> 256 + 64 px (read, extract, "
+        f"Fourier crop, ramp normalise, invert, write): {base * 1e3:.0f} ms CPU"
+    )
+    for label, seconds in best.items():
+        print(
+            f"mask step [{label}]: chain with mask {seconds * 1e3:.0f} ms CPU = "
+            f"{100 * (seconds - base) / base:+.1f} % over the chain without it (target < 5 %)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--particles", type=int, default=100_000, help="stack size [100000]")
+    parser.add_argument("--volume", type=int, default=256, help="volume side [256]")
+    parser.add_argument("--keep", type=Path, help="folder for the files (default: temporary)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.keep) as folder:
+        stack_throughput(Path(folder), args.particles)
+        volume_throughput(Path(folder), args.volume)
+        mask_step_cost(Path(folder))
+
+
+if __name__ == "__main__":
+    main()

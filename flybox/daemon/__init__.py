@@ -1,0 +1,1 @@
+"""The streaming service: watching, pairing, journal, scheduling, publishing."""

@@ -1,0 +1,1 @@
+"""Reading and writing of cryo-EM files: MRC, STAR, particle coordinates and CTF tables."""

@@ -1,0 +1,1 @@
+"""Discovery and validation of processing steps (entry-point group ``flybox.processors``)."""

@@ -1,0 +1,57 @@
+"""Shared fixtures: where the real data lives, and how missing external components behave.
+
+Integration tests skip when a component (RELION, mosquitto, prometheus, the shared data) is
+absent, with the reason; under ``CI=true`` a missing component is a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FLYBOX_SHARED", REPO.parent / "shared"))
+REAL = SHARED / "data" / "real"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def missing_component(reason: str) -> None:
+    """Skip the calling test, or fail it when running in CI."""
+    if IN_CI:
+        pytest.fail(f"required component missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_binary(name: str) -> str:
+    """Absolute path of an external program, or skip/fail when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        missing_component(f"{name} is not installed")
+        raise AssertionError  # unreachable
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared real-data folder (../shared/data/real)."""
+    if not (REAL / "MANIFEST.md").is_file():
+        missing_component(f"shared real data not found at {REAL}")
+    return REAL
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Tests that run ``flybox.cli.main`` configure the root logger on pytest's captured
+    stderr; put the logging set-up back afterwards so later tests do not log to a closed
+    stream."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

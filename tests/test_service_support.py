@@ -1,0 +1,217 @@
+"""Helpers for the service tests (no tests here): configurations, the service as a real
+subprocess, output checks, and a leak check for the processes a test started."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flybox.io.coords import read_coordinates
+from flybox.io.mrc import read_header
+from flybox.io.star import read_relion_star
+
+#: The chain of the service tests: 64-px boxes and a 32-px small set on 512² micrographs.
+TEST_CHAIN = """
+[[chain]]
+step = "extract"
+box = 64
+border = "fill"
+
+[[chain]]
+step = "fourier_crop"
+outputs = { particles = 64, particles_small = 32 }
+
+[[chain]]
+step = "normalize"
+method = "ramp"
+"""
+
+STREAMS = {"particles": "Particles", "particles_small": "ParticlesSmall"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(
+    folder: Path,
+    inputs: Path,
+    output: Path,
+    *,
+    chain: str = TEST_CHAIN,
+    ctf: bool = True,
+    **watch: Any,
+) -> Path:
+    """A service configuration watching ``inputs`` (the simulator's layout)."""
+    settings: dict[str, Any] = {
+        "settle_seconds": 0.3,
+        "rescan_seconds": 5.0,
+        "incomplete_timeout_seconds": 3.0,
+        "pairing_timeout_seconds": 60.0,
+    }
+    settings.update(watch)
+    lines = [
+        "[session]",
+        'name = "test"',
+        f'output = "{output}"',
+        "",
+        "[watch]",
+        f'micrographs = ["{inputs}/Micrographs/*.mrc"]',
+        f'coordinates = ["{inputs}/AutoPick/*_autopick.star"]',
+        'coordinate_suffix = "_autopick.star"',
+    ]
+    if ctf:
+        lines.append(f'ctf = "{inputs}/micrographs_ctf.star"')
+    for key, value in settings.items():
+        lines.append(f"{key} = {value!r}".replace("'", '"'))
+    lines += [
+        chain,
+        "[executor]",
+        "workers = 2",
+        "drain_seconds = 20",
+        "",
+        "[http]",
+        f'listen = "127.0.0.1:{free_port()}"',
+        "",
+    ]
+    path = folder / "flybox.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+class ServiceProcess:
+    """``python -m flybox run -c CONFIG`` in a subprocess, tagged so that every process it
+    starts (fork server, workers) can be found afterwards."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.tag = uuid.uuid4().hex
+        self.env = {**os.environ, "FLYBOX_TEST_TAG": self.tag, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "flybox", "run", "-c", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tagged_processes(self) -> list[int]:
+        """Processes still running with this service's tag in their environment."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    if f"FLYBOX_TEST_TAG={self.tag}".encode() in handle.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+        return found
+
+    def assert_no_leftovers(self, wait: float = 10.0) -> None:
+        """Fail (and clean up) when processes of this service outlive it."""
+        deadline = time.monotonic() + wait
+        while (left := self.tagged_processes()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left behind by the service: {left}"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.25) -> None:
+    """Wait until ``condition()`` holds (a functional wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def committed_rows(output: Path, stream: str = "particles") -> int:
+    """Rows in a stream's cumulative STAR file (0 when absent or unreadable)."""
+    try:
+        return len(read_relion_star(output / f"{stream}.star", "particles").rows)
+    except Exception:
+        return 0
+
+
+def expected_picks(inputs: Path, stems: list[str] | None = None) -> dict[str, int]:
+    """Picks per micrograph stem, from the coordinate files."""
+    counts = {}
+    for path in sorted((inputs / "AutoPick").glob("*_autopick.star")):
+        stem = path.name[: -len("_autopick.star")]
+        if stems is None or stem in stems:
+            counts[stem] = len(read_coordinates(path))
+    return counts
+
+
+def check_outputs(output: Path, expected: dict[str, int]) -> None:
+    """Every particle exactly once in every stream, stacks complete, nothing temporary."""
+    leftovers = [p for p in output.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers, f"temporary files left: {leftovers}"
+    for stream, folder in STREAMS.items():
+        rows = read_relion_star(output / f"{stream}.star", "particles").rows
+        names = rows["rlnImageName"].astype(str)
+        assert names.is_unique, f"{stream}: duplicated particles"
+        stems = rows["rlnMicrographName"].map(lambda p: Path(str(p)).stem)
+        counts = stems.value_counts().to_dict()
+        assert counts == expected, f"{stream}: {counts} != {expected}"
+        for stem, count in expected.items():
+            header = read_header(output / folder / f"{stem}.mrcs")
+            assert header.nz == count
+            assert (output / folder / f"{stem}.mrcs").stat().st_size == header.expected_size
+            indices = sorted(int(n.split("@")[0]) for n in names[stems == stem])
+            assert indices == list(range(1, count + 1))
+
+
+def write_halves(source: Path, target: Path, pause: float) -> None:
+    """Write ``source`` to ``target`` in two halves with a pause (non-atomically)."""
+    data = source.read_bytes()
+    half = len(data) // 2
+    with open(target, "wb") as handle:
+        handle.write(data[:half])
+        handle.flush()
+        time.sleep(pause)
+        handle.write(data[half:])
+
+
+def noise(shape: int, seed: int = 0) -> np.ndarray[Any, Any]:
+    """A float32 image of noise."""
+    return np.random.default_rng(seed).standard_normal((shape, shape)).astype(np.float32)
