@@ -103,8 +103,10 @@ class ServiceProcess:
         self.tag = uuid.uuid4().hex
         self.env = {**os.environ, "FLYBOX_TEST_TAG": self.tag, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     def start(self) -> None:
+        self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "flybox", "run", "-c", str(self.config)],
@@ -118,8 +120,22 @@ class ServiceProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
 
+    def running(self) -> bool:
+        """Whether this start of the service has logged that it is running."""
+        with open(self.log, "rb") as log:
+            log.seek(self._log_offset)
+            return b": running (" in log.read()
+
+    def wait_running(self, timeout: float = 60.0) -> None:
+        """Wait until this start is running (or has exited)."""
+        wait_for(lambda: self.running() or not self.alive(), timeout, "the service to start")
+
     def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM once the service runs (a SIGTERM while the interpreter itself is still
+        starting, before flybox code runs, ends it by the signal: nothing was taken yet, but
+        the exit status would not be the clean stop the tests check)."""
         assert self.process is not None
+        self.wait_running(timeout)
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
 
