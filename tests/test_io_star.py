@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 
 from flybox.errors import StarFormatError
 from flybox.io.star import (
+    _relion_float,
     format_star_block,
     optics_groups,
     read_relion_star,
@@ -404,22 +404,27 @@ def test_write_read_round_trip_property(
 
 
 @pytest.mark.slow
-def test_format_300k_rows_by_25_columns_beats_per_cell_formatting() -> None:
+def test_format_300k_rows_by_25_columns_matches_per_cell_printf() -> None:
+    # Speed is measured by benchmarks/star_write.py; here: the vectorised formatter over
+    # several chunks gives, cell for cell, what printf gives.
     rng = np.random.default_rng(0)
     n = 300_000
     columns: dict[str, object] = {f"rlnF{i}": rng.normal(0, 10.0 ** (i % 4), n) for i in range(21)}
-    columns.update({f"rlnI{i}": rng.integers(0, 1000, n) for i in range(2)})
+    columns["rlnF0"][:5] = [0.0, -0.0004, 123456.7, -1e-9, 99999.9999996]  # type: ignore[index]
+    columns.update({f"rlnI{i}": rng.integers(-1000, 1000, n) for i in range(2)})
     columns["rlnImageName"] = [f"{i % 1000 + 1:06d}@Particles/m{i // 1000}.mrcs" for i in range(n)]
     columns["rlnMicrographName"] = [f"Micrographs/m{i // 1000}.mrc" for i in range(n)]
     table = pd.DataFrame(columns)
-    start = time.perf_counter()
-    one_column = ["%12.6f" % v for v in table["rlnF0"].tolist()]  # noqa: UP031
-    per_cell_estimate = 25 * (time.perf_counter() - start)
-    start = time.perf_counter()
     text = format_star_block("particles", table)
-    elapsed = time.perf_counter() - start
-    assert len(one_column) == n
-    assert text.count("\n") == n + 31
-    # About 1 s on a desktop CPU, a third of formatting cell by cell.
-    assert elapsed < 0.75 * per_cell_estimate, (elapsed, per_cell_estimate)
-    assert elapsed < 10.0
+    lines = text.splitlines()
+    header = max(i for i, line in enumerate(lines[:40]) if line.startswith("_rln")) + 1
+    rows = [line for line in lines[header:] if line.strip()]
+    assert len(rows) == n
+    sample = sorted({0, 1, 2, 3, 4, n - 1, *rng.integers(0, n, 2000).tolist()})
+    for index in sample:
+        cells = rows[index].split()
+        assert len(cells) == 25
+        expected = [_relion_float(table[f"rlnF{i}"].iat[index]).strip() for i in range(21)]
+        expected += [str(table[f"rlnI{i}"].iat[index]) for i in range(2)]
+        expected += [table["rlnImageName"].iat[index], table["rlnMicrographName"].iat[index]]
+        assert cells == expected, index
