@@ -39,6 +39,22 @@ def test_running_units_are_queued_again_on_recovery(journal: Journal) -> None:
     assert (again.state, again.attempts) == ("queued", 1)
 
 
+def test_transient_failures_are_queued_again_at_start_deterministic_ones_are_not(
+    journal: Journal,
+) -> None:
+    crashed = journal.add_unit("mic1", "/in/mic1.mrc", "k1", {})
+    disk_full = journal.add_unit("mic2", "/in/mic2.mrc", "k2", {})
+    too_big = journal.add_unit("mic3", "/in/mic3.mrc", "k3", {})
+    for unit, code in ((crashed, "worker_crash"), (disk_full, "io_error"), (too_big, "processing")):
+        for _ in range(3):
+            journal.set_state(unit.id, "running", attempt=True)
+        journal.set_state(unit.id, "failed", error="why", code=code)
+    assert journal.retry_failed(("worker_crash", "io_error", "internal")) == 2
+    after = [journal.unit(u.id) for u in (crashed, disk_full, too_big)]
+    assert [(u.state, u.attempts) for u in after] == [("queued", 0), ("queued", 0), ("failed", 3)]
+    assert journal.retry_failed(()) == 0
+
+
 def test_done_units_become_current_with_their_segments(journal: Journal) -> None:
     unit = journal.add_unit("mic1", "/in/mic1.mrc", "k1", {})
     star = StarFileRecord("particles", "particles.star", "HEADER", ("a",), ({"x": 1},), 20, 3, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from flybox.config import parse_config
 from flybox.daemon.events import (
     Event,
+    FailureEvent,
     MicrographEvent,
     MissingCoordinatesEvent,
     OutputSetEvent,
@@ -232,3 +234,39 @@ async def test_a_rewritten_micrograph_is_processed_again_as_a_new_version(tmp_pa
     last = next(e for e in second if isinstance(e, MicrographEvent))
     assert last.picks == picks
     assert service.status_snapshot().particles == {"particles": 8, "particles_small": 8}
+
+
+class FullDiskExecutor(ThreadExecutor):
+    """Every job fails as on a full disk."""
+
+    def submit(self, job: MicrographJob) -> asyncio.Future[JobResult]:
+        def fail() -> JobResult:
+            raise OSError(28, "No space left on device", job.output_dir)
+
+        return asyncio.wrap_future(self._pool.submit(fail))
+
+
+async def test_a_micrograph_failed_by_io_errors_is_retried_then_done_after_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="flybox")
+    config = _config(tmp_path, ctf=False)
+    picks = _write(tmp_path, "m1", seed=1)
+    failing = Service(config, executor=FullDiskExecutor(), notifier=Notifier({}), publishing=False)
+    async with failing:
+        events = await _collect(failing, lambda e: _count(e, FailureEvent) == 1)
+    failure = next(e for e in events if isinstance(e, FailureEvent))
+    assert (failure.code, failure.attempts) == ("io_error", config.executor.max_attempts)
+    assert "No space left on device" in failure.reason
+    assert failing.status_snapshot().counts.failed == 1
+    assert caplog.text.count("trying again") == config.executor.max_attempts - 1
+
+    service = _service(config)  # the disk has room again
+    async with service:
+        done = await _collect(service, lambda e: _count(e, MicrographEvent) == 1)
+    event = next(e for e in done if isinstance(e, MicrographEvent))
+    assert (event.version, event.picks) == (1, picks)
+    assert "1 failed micrographs (worker crash, I/O or internal error) queued again" in caplog.text
+    snapshot = service.status_snapshot()
+    assert snapshot.particles == {"particles": picks, "particles_small": picks}
+    assert snapshot.counts.failed == 0

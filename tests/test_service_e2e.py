@@ -19,10 +19,12 @@ from flybox.io.coords import write_coordinates_star
 from flybox.io.mrc import read_header
 from flybox.io.mrc_write import write_micrograph
 from tests.test_service_support import (
+    FOREIGN_UID,
     ServiceProcess,
     check_outputs,
     committed_rows,
     expected_picks,
+    unprivileged_root_prefix,
     wait_for,
     write_config,
     write_halves,
@@ -107,7 +109,16 @@ def test_bad_inputs_are_quarantined_with_reasons_while_later_inputs_are_processe
     tmp_path: Path, folders: tuple[Path, Path, Inputs]
 ) -> None:
     inputs, output, files = folders
-    service = ServiceProcess(write_config(tmp_path, inputs, output, ctf=False), tmp_path / "log")
+    # An unreadable micrograph: mode 0 for an unprivileged run; as root (CI), the service runs
+    # in a user namespace where a file of another user with mode 0 is unreadable to it.
+    prefix = None
+    if os.geteuid() == 0:
+        prefix = unprivileged_root_prefix()
+    can_lock = os.geteuid() != 0 or prefix is not None
+    if os.environ.get("CI") == "true":
+        assert can_lock, "CI runs as root without user namespaces: unreadable input untested"
+    config = write_config(tmp_path, inputs, output, ctf=False)
+    service = ServiceProcess(config, tmp_path / "log", prefix=prefix)
     service.start()
     bad = {
         "truncated.mrc": "truncated: ",
@@ -125,9 +136,13 @@ def test_bad_inputs_are_quarantined_with_reasons_while_later_inputs_are_processe
         (files.micrographs / "oversized.mrc").write_bytes(data + b"\x00" * 100)
         files.add("badpicks", seed=3)
         (files.picks / "badpicks_autopick.star").write_text("data_\nloop_\n_rlnFoo #1\nbar\n")
-        if os.geteuid() != 0:  # root reads everything: only an unprivileged run can test this
-            files.add("locked", seed=4)
-            (files.micrographs / "locked.mrc").chmod(0)
+        if can_lock:  # locked before it appears (a rename), so never read while readable
+            locked, locked_picks = files.source("locked", seed=4)
+            if os.geteuid() == 0:
+                os.chown(locked, FOREIGN_UID, FOREIGN_UID)
+            locked.chmod(0)
+            locked.rename(files.micrographs / "locked.mrc")
+            files.write_picks("locked", locked_picks)
             bad["locked.mrc"] = "unreadable: Permission denied"
         for index in range(3):
             files.add(f"good{index}", seed=10 + index)

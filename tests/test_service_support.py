@@ -97,8 +97,15 @@ class ServiceProcess:
     """``python -m flybox run -c CONFIG`` in a subprocess, tagged so that every process it
     starts (fork server, workers) can be found afterwards."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.config = config
+        self.prefix = prefix or []
         self.log = log
         self.tag = uuid.uuid4().hex
         self.env = {**os.environ, "FLYBOX_TEST_TAG": self.tag, **(env or {})}
@@ -109,7 +116,7 @@ class ServiceProcess:
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "flybox", "run", "-c", str(self.config)],
+                [*self.prefix, sys.executable, "-m", "flybox", "run", "-c", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -168,6 +175,27 @@ class ServiceProcess:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         assert not left, f"processes left behind by the service: {left}"
+
+
+#: A user that owns nothing here (files chowned to it are unreadable in a user namespace).
+FOREIGN_UID = 12345
+
+
+def unprivileged_root_prefix() -> list[str] | None:
+    """A command prefix under which a root process cannot read files of other users.
+
+    Root reads files whatever their permission bits say. In a new user namespace that maps
+    only uid 0 (``unshare --user --map-root-user``) the process is still root for root's
+    files, but its capabilities do not apply to files of unmapped users such as
+    :data:`FOREIGN_UID`: reading those fails with "Permission denied", as it does for the
+    service account of a facility. ``None`` where user namespaces are not available.
+    """
+    command = ["unshare", "--user", "--map-root-user"]
+    try:
+        probe = subprocess.run([*command, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return command if probe.returncode == 0 else None
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.25) -> None:

@@ -314,6 +314,22 @@ class Journal:
             )
             return cursor.rowcount
 
+    def retry_failed(self, codes: Sequence[str]) -> int:
+        """At start: failed units whose failure may be transient (``codes``: a worker crash,
+        an I/O error such as a full disk, an internal error fixed by an upgrade) are
+        ``queued`` again with their attempts reset; returns how many. Deterministic failures
+        (a box larger than the micrograph) stay failed until an input or the chain changes."""
+        if not codes:
+            return 0
+        marks = ", ".join("?" * len(codes))
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE units SET state = 'queued', attempts = 0, updated = ? "
+                f"WHERE state = 'failed' AND code IN ({marks})",
+                (time.time(), *codes),
+            )
+            return cursor.rowcount
+
     def stem_states(self) -> dict[str, str]:
         """The state of each stem's newest unit (``done`` when a version is committed and no
         newer unit is pending)."""

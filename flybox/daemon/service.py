@@ -60,6 +60,9 @@ T = TypeVar("T")
 
 #: A status event at least this often (and after commits, at most once per second).
 STATUS_SECONDS = 5.0
+#: Failure codes whose units a restart queues again (the cause may be gone: a full disk,
+#: a crash, a fixed bug); ``processing`` failures are deterministic and stay failed.
+RETRIED_AT_START = ("worker_crash", "io_error", "internal")
 
 
 @dataclass
@@ -300,6 +303,13 @@ class Service:
         requeued = await self.journal_call(journal.recover)
         if requeued:
             log.info("%s: %d interrupted micrographs queued again", self.session, requeued)
+        retried = await self.journal_call(journal.retry_failed, RETRIED_AT_START)
+        if retried:
+            log.info(
+                "%s: %d failed micrographs (worker crash, I/O or internal error) queued again",
+                self.session,
+                retried,
+            )
         self.committer = Committer(self.output_dir, journal, list(self.chain.streams))
         await self.journal_call(self.committer.recover)
         for stream, record in self.committer.files.items():
