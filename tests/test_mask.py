@@ -498,3 +498,49 @@ def test_mask_step_refuses_a_centre_outside_the_extraction_box() -> None:
     with pytest.raises(ConfigError, match="outside the 256-px box") as info:
         MaskStep(MaskStepSettings(shape="circular", center=(129, 0))).bind(256)
     assert info.value.key == "mask.center"
+
+
+RADIAL_CASES = [
+    {"shape": "circular", "radius": 9.0},
+    {"shape": "circular", "radius": 7.5},
+    {"shape": "crown", "inner": 3.0, "outer": 9.0},
+    {"shape": "gaussian", "sigma": 4.0},
+    {"shape": "gaussian", "sigma": 4.0, "gaussian_norm": "density"},
+    {"shape": "raised_cosine", "inner": 5.0, "outer": 10.0},
+    {"shape": "raised_crown", "inner": 4.0, "outer": 9.0, "decay": 2.5},
+]
+
+
+@pytest.mark.parametrize("case", RADIAL_CASES, ids=lambda c: "-".join(map(str, c.values())))
+@pytest.mark.parametrize("convention", ["relion", "xmipp"])
+@pytest.mark.parametrize("invert", [False, True])
+@pytest.mark.parametrize(
+    ("dims", "center"),
+    [((24, 24), (0.0, 0.0)), ((25, 23), (2.0, -3.0)), ((20, 21, 22), (1.0, 0.0, -2.0))],
+)
+def test_radial_masks_centred_on_whole_pixels_equal_the_direct_evaluation(
+    case: dict[str, object],
+    convention: str,
+    invert: bool,
+    dims: tuple[int, ...],
+    center: tuple[float, ...],
+) -> None:
+    # build_mask takes a lookup path (profile per integer squared distance) for these masks;
+    # it must give exactly what evaluating every pixel gives.
+    from flybox.processors.mask_shapes import _logical_axes, _radial_profile
+
+    settings = MaskSettings(
+        **case,
+        convention=convention,
+        invert=invert,
+        center=center,  # type: ignore[arg-type]
+    )
+    fast = build_mask(dims, settings)
+    geometry = settings.resolved(dims)
+    axes = _logical_axes(geometry.dims, geometry.center)
+    r2 = sum(a * a for a in axes)
+    direct = _radial_profile(geometry, np.broadcast_to(r2, dims)).astype(np.float32)
+    assert fast.shape == dims
+    assert fast.dtype == np.float32
+    np.testing.assert_array_equal(fast, direct)
+    assert fast.min() < fast.max()  # a real mask, not a constant

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from flybox.errors import ConfigError
 from flybox.processors.base import ParticleStack
+from flybox.processors.mask import MaskSettings, mask_2d
 from flybox.processors.normalize import (
     InvertSettings,
     InvertStep,
@@ -262,3 +263,34 @@ def test_mask_after_normalize_is_folded_into_the_same_pass(
     assert fused.image_stats is not None
     means = separate.real().mean(axis=(1, 2))
     np.testing.assert_allclose(fused.image_stats.means, means, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["none", "whole", "background", "ramp"])
+@pytest.mark.parametrize("fill", [None, "multiply", "avg", "soft_background", "min"])
+def test_normalising_in_place_gives_the_same_images_and_statistics(
+    method: str, fill: str | None
+) -> None:
+    rng = np.random.default_rng(5)
+    images = (rng.standard_normal((23, 40, 40)) * 3 + 50).astype(np.float32)
+    mask = None
+    if fill is not None:
+        binary = fill in ("avg", "min")
+        settings = (
+            MaskSettings(shape="circular", radius=15)
+            if binary
+            else MaskSettings(shape="raised_crown", outer=15, decay=3)
+        )
+        mask = mask_2d(40, settings)
+    options = {"method": method, "radius": 16, "mask": mask, "fill": fill or "multiply"}
+    expected, expected_stats = normalize_images(images, **options)  # type: ignore[arg-type]
+    work = images.copy()
+    result, stats = normalize_images(work, out=work, **options)  # type: ignore[arg-type]
+    assert result is work
+    np.testing.assert_array_equal(result, expected)
+    assert (stats.minimum, stats.maximum) == (expected_stats.minimum, expected_stats.maximum)
+    assert stats.minimum == float(expected.min())
+    assert stats.maximum == float(expected.max())
+    np.testing.assert_array_equal(stats.means, expected_stats.means)
+    np.testing.assert_allclose(stats.means, expected.mean(axis=(1, 2)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        normalize_images(images, method="whole", radius=16, out=np.empty((23, 40, 40)))

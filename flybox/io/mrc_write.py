@@ -8,6 +8,7 @@ Header layout and statistics follow ALGORITHMS.md §16 (RELION 3.1.3's stacks: `
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from types import TracebackType
@@ -93,6 +94,16 @@ def _image_stats(
         means[k] = ref + mean
         variances[k] = max(float(np.dot(buffer, buffer)) / buffer.size - mean * mean, 0.0)
     return float(images.min()), float(images.max()), means, variances
+
+
+def _volume_stats(volume: npt.NDArray[np.float32]) -> tuple[float, float, float, float]:
+    """min, max, mean and (population) standard deviation of a map, from float64 sums per
+    section (no float64 copy of the whole map): the total variance is the mean section
+    variance plus the variance of the section means (sections have equal sizes)."""
+    low, high, means, variances = _image_stats(volume.reshape(volume.shape[0], -1))
+    mean = float(means.mean())
+    variance = float(variances.mean() + np.mean((means - mean) ** 2))
+    return low, high, mean, math.sqrt(max(variance, 0.0))
 
 
 class StackWriter:
@@ -314,8 +325,7 @@ def write_volume(
     if volume.ndim != 3 or 0 in volume.shape:
         raise ValueError(f"expected a non-empty (nz, ny, nx) array, got shape {volume.shape}")
     nz, ny, nx = volume.shape
-    values = volume.astype(np.float64)
-    stats = (float(values.min()), float(values.max()), float(values.mean()), float(values.std()))
+    stats = _volume_stats(volume)
     extended = b""
     if template is None:
         voxel = _as_voxel(voxel_size_a) if voxel_size_a is not None else (0.0, 0.0, 0.0)

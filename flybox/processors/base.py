@@ -20,15 +20,17 @@ import abc
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from flybox.model import CtfParams, ImageStats
 from flybox.processors.fft import irfftn_last, rfftn_last
+
+if TYPE_CHECKING:  # pandas costs 0.2 s to import; array-only callers (masks) never need it
+    import pandas as pd
 
 __all__ = [
     "MAIN_STREAM",

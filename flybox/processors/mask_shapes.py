@@ -360,10 +360,37 @@ def build_mask(shape: Sequence[int], settings: MaskSettings) -> FloatArray:
         The settings do not fit the image dimensionality.
     """
     g = settings.resolved(shape)
+    if g.shape in _RADIAL and all(float(c).is_integer() for c in g.center[: len(g.dims)]):
+        return _radial_mask(g)
     axes = _logical_axes(g.dims, g.center)
     r2 = axes[0] ** 2
     for a in axes[1:]:
         r2 = r2 + a * a
+    if g.shape in _RADIAL:
+        mask = _radial_profile(g, r2)
+    elif g.shape == "box":
+        keep = np.ones(g.dims, dtype=bool)
+        for a, side in zip(axes, g.size[::-1], strict=True):
+            low = -(side // 2)
+            keep = keep & (a >= low) & (a <= low + side - 1)
+        mask = keep.astype(np.float64)
+        if g.invert:
+            mask = 1.0 - mask
+    else:  # cylinder
+        rxy2 = axes[1] ** 2 + axes[2] ** 2
+        radial = np.sqrt(rxy2) < g.radius if g.relion else rxy2 <= g.radius**2
+        mask = (radial & (np.abs(axes[0]) <= g.height / 2)).astype(np.float64)
+        if g.invert:
+            mask = 1.0 - mask
+    return np.ascontiguousarray(mask, dtype=np.float32)
+
+
+#: Shapes whose value depends only on the squared distance from the centre.
+_RADIAL = frozenset({"circular", "crown", "gaussian", "raised_cosine", "raised_crown"})
+
+
+def _radial_profile(g: MaskGeometry, r2: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The value of a radial mask at squared distances ``r2`` (any shape), in float64."""
     relion, invert = g.relion, g.invert
     mask: npt.NDArray[np.float64]
     if g.shape == "circular":
@@ -373,22 +400,12 @@ def build_mask(shape: Sequence[int], settings: MaskSettings) -> FloatArray:
             # Xmipp's OUTSIDE circle is r² ≥ R², not the complement: the ring r = R is in both.
             mask = (r2 >= g.radius**2 if invert else r2 <= g.radius**2).astype(np.float64)
             invert = False
-    elif g.shape == "box":
-        keep = np.ones(g.dims, dtype=bool)
-        for a, side in zip(axes, g.size[::-1], strict=True):
-            low = -(side // 2)
-            keep = keep & (a >= low) & (a <= low + side - 1)
-        mask = keep.astype(np.float64)
     elif g.shape == "crown":
         if relion:
             d = np.sqrt(r2)
             mask = ((d >= g.inner) & (d < g.outer)).astype(np.float64)
         else:
             mask = ((r2 >= g.inner**2) & (r2 <= g.outer**2)).astype(np.float64)
-    elif g.shape == "cylinder":
-        rxy2 = axes[1] ** 2 + axes[2] ** 2
-        radial = np.sqrt(rxy2) < g.radius if relion else rxy2 <= g.radius**2
-        mask = (radial & (np.abs(axes[0]) <= g.height / 2)).astype(np.float64)
     elif g.shape == "gaussian":
         mask = np.exp(-r2 / (2.0 * g.sigma**2))
         if g.density:
@@ -404,7 +421,27 @@ def build_mask(shape: Sequence[int], settings: MaskSettings) -> FloatArray:
             mask *= 1.0 - _raised_cosine(d, g.inner - w, g.inner + w)
     if invert:
         mask = 1.0 - mask
-    return np.ascontiguousarray(mask, dtype=np.float32)
+    return mask
+
+
+def _radial_mask(g: MaskGeometry) -> FloatArray:
+    """A radial mask centred on whole pixels: squared distances are then integers, so the
+    profile is computed once per distinct distance (about 3·(N/2)² values for an N³ volume,
+    instead of N³) and gathered, with the same float64 values as the direct evaluation."""
+    shifts = g.center[: len(g.dims)][::-1]
+    offsets = [
+        (np.arange(n, dtype=np.int64) - n // 2 - int(c)) ** 2
+        for n, c in zip(g.dims, shifts, strict=True)
+    ]
+    top = sum(int(o.max()) for o in offsets)
+    index_type = np.int32 if top < 2**31 else np.int64
+    r2 = np.zeros(g.dims, dtype=index_type)
+    for axis, squares in enumerate(offsets):
+        view = [1] * len(g.dims)
+        view[axis] = squares.size
+        r2 += squares.astype(index_type).reshape(view)
+    profile = _radial_profile(g, np.arange(top + 1, dtype=np.float64)).astype(np.float32)
+    return np.take(profile, r2)
 
 
 def mask_2d(box: int | tuple[int, int], settings: MaskSettings) -> FloatArray:

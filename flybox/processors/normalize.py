@@ -185,25 +185,31 @@ def _background_sums(
 def _image_sums(
     image: npt.NDArray[np.float32], sums: npt.NDArray[np.float64]
 ) -> None:  # pragma: no cover
-    # min, max, Σv, Σv² with v = x − x₀ (x₀ the first pixel), for the stack header.
+    # Σv, Σv² with v = x − x₀ (x₀ the first pixel), for the stack header (min and max are
+    # taken by numpy afterwards: its SIMD reductions are several times faster than a loop).
     ref = np.float64(image[0, 0])
-    low = np.inf
-    high = -np.inf
     s1 = 0.0
     s2 = 0.0
     for r in range(image.shape[0]):
-        for c in range(image.shape[1]):
-            value = np.float64(image[r, c])
-            low = min(low, value)
-            high = max(high, value)
-            d = value - ref
+        row = image[r]
+        for c in range(row.size):
+            d = np.float64(row[c]) - ref
             s1 += d
             s2 += d * d
-    sums[0] = low
-    sums[1] = high
     sums[2] = s1
     sums[3] = s2
     sums[4] = ref
+
+
+@numba.njit(cache=True, fastmath=True)
+def _min_max(image: npt.NDArray[np.float32]) -> tuple[float, float]:  # pragma: no cover
+    low = np.float32(np.inf)
+    high = np.float32(-np.inf)
+    for r in range(image.shape[0]):
+        for c in range(image.shape[1]):
+            low = min(low, image[r, c])
+            high = max(high, image[r, c])
+    return np.float64(low), np.float64(high)
 
 
 @numba.njit(cache=True)
@@ -238,6 +244,7 @@ def _normalize_batch(
     while first_row < ny and inside_start[first_row] == 0 and inside_stop[first_row] == nx:
         first_row += 1
     first_col = 0 if inside_start[min(first_row, ny - 1)] > 0 else inside_stop[first_row]
+    removed = _removed_total(mask) if fill == 5 else 0.0
     for k in range(n):
         image = images[k]
         slope_x = 0.0
@@ -274,58 +281,82 @@ def _normalize_batch(
                 offset += mean
             scale = sign if small else sign / sigma
         target = out[k]
+        # The fill value's sum is taken row by row while the row is in L1 (avg: Σx; soft
+        # background: Σ(1−m)·x), so that masking adds one pass, not two.
+        accumulated = 0.0
         for r in range(ny):
             row_offset = slope_y * (r - cy) + offset
             for c in range(nx):
                 target[r, c] = (image[r, c] - slope_x * (c - cx) - row_offset) * scale
+            if fill == 4:
+                accumulated += _row_sum(target[r])
+            elif fill == 5:
+                accumulated += _row_removed_sum(target[r], mask[r])
         if fill < 0:
             _image_sums(target, sums[k])
             continue
         if fill == 5:
-            value = _background_mean(target, mask)
+            value = np.float32(accumulated / removed) if removed > 0 else np.float32(0.0)
         elif fill == 4:
-            value = np.float32(_mean(target))
+            value = np.float32(accumulated / target.size)
         elif fill >= 2:
-            _image_sums(target, sums[k])
-            value = np.float32(sums[k, 0] if fill == 2 else sums[k, 1])
+            low, high = _min_max(target)
+            value = np.float32(low if fill == 2 else high)
         else:
             value = np.float32(fill_value if fill == 1 else 0.0)
-        _substitute(target, mask, value)
-        _image_sums(target, sums[k])
+        _substitute_sums(target, mask, value, sums[k])
 
 
 @numba.njit(cache=True, fastmath=True)
-def _background_mean(
-    image: npt.NDArray[np.float32], mask: npt.NDArray[np.float32]
-) -> np.float32:  # pragma: no cover
-    # RELION's soft fill value: Σ(1−m)·x / Σ(1−m).
-    weighted = 0.0
+def _row_sum(row: npt.NDArray[np.float32]) -> float:  # pragma: no cover - compiled
     total = 0.0
-    for r in range(image.shape[0]):
-        for c in range(image.shape[1]):
-            removed = 1.0 - np.float64(mask[r, c])
-            weighted += removed * image[r, c]
-            total += removed
-    return np.float32(weighted / total) if total > 0 else np.float32(0.0)
+    for c in range(row.size):
+        total += row[c]
+    return total
 
 
 @numba.njit(cache=True, fastmath=True)
-def _mean(image: npt.NDArray[np.float32]) -> float:  # pragma: no cover - compiled
+def _row_removed_sum(
+    row: npt.NDArray[np.float32], mask_row: npt.NDArray[np.float32]
+) -> float:  # pragma: no cover - compiled
     total = 0.0
-    for r in range(image.shape[0]):
-        for c in range(image.shape[1]):
-            total += image[r, c]
-    return total / image.size
+    for c in range(row.size):
+        total += (1.0 - np.float64(mask_row[c])) * row[c]
+    return total
 
 
 @numba.njit(cache=True, fastmath=True)
-def _substitute(
-    image: npt.NDArray[np.float32], mask: npt.NDArray[np.float32], value: np.float32
+def _removed_total(mask: npt.NDArray[np.float32]) -> float:  # pragma: no cover - compiled
+    total = 0.0
+    for r in range(mask.shape[0]):
+        for c in range(mask.shape[1]):
+            total += 1.0 - np.float64(mask[r, c])
+    return total
+
+
+@numba.njit(cache=True, fastmath=True)
+def _substitute_sums(
+    image: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.float32],
+    value: np.float32,
+    sums: npt.NDArray[np.float64],
 ) -> None:  # pragma: no cover - compiled
-    # x·m + v·(1−m) in place: apply_mask's formula (fastmath may fuse it into one rounding).
+    # x·m + v·(1−m) in place (apply_mask's formula; fastmath may fuse it into one rounding),
+    # with the statistics of the result (as _image_sums) in the same pass.
+    one = np.float32(1.0)
+    ref = np.float64(image[0, 0] * mask[0, 0] + value * (one - mask[0, 0]))
+    s1 = 0.0
+    s2 = 0.0
     for r in range(image.shape[0]):
         for c in range(image.shape[1]):
-            image[r, c] = image[r, c] * mask[r, c] + value * (np.float32(1.0) - mask[r, c])
+            result = image[r, c] * mask[r, c] + value * (one - mask[r, c])
+            image[r, c] = result
+            d = np.float64(result) - ref
+            s1 += d
+            s2 += d * d
+    sums[2] = s1
+    sums[3] = s2
+    sums[4] = ref
 
 
 _MODES = {"none": 0, "whole": 1, "background": 2, "ramp": 3}
@@ -346,8 +377,9 @@ def normalize_images(
     mask: npt.NDArray[np.float32] | None = None,
     fill: str = "multiply",
     fill_value: float = 0.0,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.float32], ImageStats]:
-    """Normalise a batch of ``(n, b, b)`` images; returns a new float32 array and its stats.
+    """Normalise a batch of ``(n, b, b)`` images; returns a float32 array and its stats.
 
     Parameters
     ----------
@@ -372,6 +404,9 @@ def normalize_images(
         A ``(b, b)`` mask applied to the result in the same pass (a ``mask`` step folded into
         this one), with :func:`flybox.processors.mask.fill_rule`'s rule; the result equals
         :func:`flybox.processors.mask.apply_mask` on the normalised images.
+    out
+        Where to write the result: a new array when ``None``; may be ``images`` itself (a
+        C-contiguous float32 array), which saves allocating (and page-faulting) a stack.
 
     Returns
     -------
@@ -397,11 +432,19 @@ def normalize_images(
     count = geometry.count
     if method != "none" and (count <= ddof or (method == "ramp" and count < 3)):
         raise ValueError(f"background radius {radius} leaves no background in a {box}-px box")
-    out = np.empty_like(images)
+    if out is None:
+        out = np.empty_like(images)
+    elif out.shape != images.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous float32 array of the images' shape")
     sums = np.empty((n, 5))
-    if n:
+    mask_array = _NO_MASK if mask is None else np.ascontiguousarray(mask, dtype=np.float32)
+    low, high = np.inf, -np.inf
+    # In chunks of a few images, so that numpy's min/max read them while they are in cache.
+    chunk = max(1, (1 << 20) // (4 * box * box))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
         _normalize_batch(
-            images,
+            images[start:stop],
             geometry.inside_start,
             geometry.inside_stop,
             geometry.gram_inverse,
@@ -413,18 +456,24 @@ def normalize_images(
             ramp_mean,
             min_sigma,
             sign,
-            _NO_MASK if mask is None else np.ascontiguousarray(mask, dtype=np.float32),
+            mask_array,
             -1 if mask is None else _FILLS[fill],
             fill_value,
-            out,
-            sums,
+            out[start:stop],
+            sums[start:stop],
         )
+        low = min(low, float(out[start:stop].min()))
+        high = max(high, float(out[start:stop].max()))
     size = box * box
     mean_delta = sums[:, 2] / size
     variances = np.maximum(sums[:, 3] / size - mean_delta**2, 0.0)
-    low = float(sums[:, 0].min()) if n else 0.0
-    high = float(sums[:, 1].max()) if n else 0.0
+    if not n:
+        low = high = 0.0
     return out, ImageStats(low, high, sums[:, 4] + mean_delta, variances)
+
+
+def _writable_float32(images: npt.NDArray[Any]) -> bool:
+    return bool(images.dtype == np.float32 and images.flags.writeable and images.flags.c_contiguous)
 
 
 def particle_seeds(table: pd.DataFrame) -> npt.NDArray[np.uint64]:
@@ -528,6 +577,9 @@ class NormalizeStep(ParticleProcessor[NormalizeSettings]):
             mask=mask,
             fill=fill,
             fill_value=fill_value,
+            # The stack owns writable images (steps replace or modify them): normalise in
+            # place rather than allocate another stack.
+            out=images if _writable_float32(images) else None,
         )
         return stack.set_real(normalized, stats)
 
