@@ -9,8 +9,9 @@ micrograph, extract 300 boxes of 256 px, Fourier-crop a 64-px set, ramp-normalis
 write both stacks and STAR files) with and without a ``mask`` step, interleaved over several
 rounds, best time of each; the target is a mask cost below 5 % of the chain.
 
-The RELION part does two volume tasks with RELION 3.1's programs and with flybox, file to
-file, a process each, and prints the ratios (``relion: ...`` lines).
+The RELION part masks the same map and the same stack with ``relion_image_handler
+--multiply`` and with ``flybox mask --mask``, file to file, a process each, and prints the
+ratios (``relion: ...`` lines).
 """
 
 from __future__ import annotations
@@ -114,67 +115,53 @@ def volume_throughput(folder: Path, size: int = 256) -> None:
     )
 
 
-def relion_side_by_side(folder: Path, size: int = 256) -> None:
-    """The same two volume tasks by RELION 3.1 and by flybox, file to file, best of 3.
+def relion_side_by_side(folder: Path, size: int = 256, particles: int = 100_000) -> None:
+    """The same masking by RELION 3.1 and by ``flybox mask``, file to file, best of 3.
 
-    (a) a soft spherical crown mask made from nothing (``relion_mask_create --denovo``
-    against :func:`~flybox.processors.mask.mask_3d` + :func:`~flybox.io.mrc_write.write_volume`),
-    checked equal to 1e-5; (b) a map multiplied by a mask file (``relion_image_handler
-    --multiply`` against :func:`~flybox.masking.mask_volumes` with ``--mask FILE``), checked
-    equal to 1e-5. Both tools are timed as the command a user would run (a process each),
-    so process start-up is in both.
+    A map of ``size``³ and a stack of ``particles`` 64² images are multiplied by a soft mask
+    file: ``relion_image_handler --i IN --multiply MASK --o OUT`` against ``flybox mask IN -o
+    OUT --mask MASK``, each as the command a user types (one process, start-up included;
+    flybox also fsyncs its output, RELION does not). The outputs are checked equal to 1e-5.
     """
-    create = shutil.which("relion_mask_create")
     handler = shutil.which("relion_image_handler")
-    if create is None or handler is None:
-        print("relion: relion_mask_create / relion_image_handler not installed; skipped")
+    if handler is None:
+        print("relion: relion_image_handler not installed; RELION comparison skipped")
         return
-    outer, inner, width = 100.0, 20.0, 6.0
-    relion_mask = folder / "relion_mask.mrc"
-    denovo = [
-        create, "--denovo", "--box_size", str(size), "--angpix", "1",
-        "--outer_radius", repr(outer), "--inner_radius", repr(inner),
-        "--width_soft_edge", repr(width), "--o", str(relion_mask),
-    ]  # fmt: skip
-    ours_mask = folder / "flybox_mask.mrc"
-    python = [sys.executable, "-c"]
-    flybox_create = [
-        *python,
-        "import sys; from flybox.processors.mask import MaskSettings, mask_3d; "
-        "from flybox.io.mrc_write import write_volume; "
-        f"s = MaskSettings(shape='raised_crown', inner={inner}, outer={outer}, decay={width}, "
-        "convention='relion'); "
-        f"write_volume(sys.argv[1], mask_3d(({size},) * 3, s), voxel_size_a=1.0)",
-        str(ours_mask),
-    ]
-    relion_time = best_of(3, lambda: _run(denovo, folder))
-    flybox_time = best_of(3, lambda: _run(flybox_create, folder))
-    difference = _max_difference(relion_mask, ours_mask)
-    assert difference <= 1e-5, f"masks differ by {difference}"
-    print(
-        f"relion: mask {size}^3 from nothing: flybox {flybox_time:.2f} s, relion_mask_create "
-        f"{relion_time:.2f} s = {relion_time / flybox_time:.1f}x (max |difference| "
-        f"{difference:.1g}; a process each, start-up included)"
-    )
-    source = folder / "volume.mrc"
-    if not source.exists():
-        rng = np.random.default_rng(2)
-        write_volume(source, rng.standard_normal((size,) * 3, dtype=np.float32), voxel_size_a=1.0)
-    relion_out, ours_out = folder / "relion_masked.mrc", folder / "flybox_masked.mrc"
-    multiply = [handler, "--i", str(source), "--multiply", str(relion_mask), "--o", str(relion_out)]
-    flybox_apply = [
-        sys.executable, "-m", "flybox", "mask", str(source), "-o", str(ours_out),
-        "--mask", str(relion_mask),
-    ]  # fmt: skip
-    relion_time = best_of(3, lambda: _run(multiply, folder))
-    flybox_time = best_of(3, lambda: _run(flybox_apply, folder))
-    difference = _max_difference(relion_out, ours_out)
-    assert difference <= 1e-5, f"masked maps differ by {difference}"
-    print(
-        f"relion: map {size}^3 x mask file: flybox mask {flybox_time:.2f} s, "
-        f"relion_image_handler --multiply {relion_time:.2f} s = "
-        f"{relion_time / flybox_time:.1f}x (max |difference| {difference:.1g})"
-    )
+    rng = np.random.default_rng(2)
+    cases = []
+    volume = folder / "relion_volume.mrc"
+    write_volume(volume, rng.standard_normal((size,) * 3, dtype=np.float32), voxel_size_a=1.0)
+    volume_mask = folder / "volume_mask.mrc"
+    crown = MaskSettings(shape="raised_crown", inner=20, outer=100, decay=6)
+    write_volume(volume_mask, mask_3d((size,) * 3, crown), voxel_size_a=1.0)
+    cases.append((f"map {size}^3", volume, volume_mask, ".mrc"))
+    stack = folder / "relion_stack.mrcs"
+    with StackWriter(stack, 64, 1.0) as writer:
+        for start in range(0, particles, 10_000):
+            n = min(10_000, particles - start)
+            writer.append(rng.standard_normal((n, 64, 64), dtype=np.float32))
+    stack_mask = folder / "stack_mask.mrc"
+    soft = MaskSettings(shape="raised_cosine", inner=24, outer=30)
+    write_volume(stack_mask, mask_2d(64, soft), voxel_size_a=1.0)
+    cases.append((f"{particles} particles 64x64", stack, stack_mask, ".mrcs"))
+    os.sync()
+    for label, source, mask_file, suffix in cases:
+        relion_out = folder / f"relion_out{suffix}"
+        ours_out = folder / f"flybox_out{suffix}"
+        relion = [handler, "--i", str(source), "--multiply", str(mask_file), "--o", str(relion_out)]
+        flybox = [
+            sys.executable, "-m", "flybox", "mask", str(source), "-o", str(ours_out),
+            "--mask", str(mask_file),
+        ]  # fmt: skip
+        relion_time = best_of(3, lambda c=relion: _run(c, folder))
+        flybox_time = best_of(3, lambda c=flybox: _run(c, folder))
+        difference = _max_difference(relion_out, ours_out)
+        assert difference <= 1e-5, f"{label}: outputs differ by {difference}"
+        print(
+            f"relion: {label} x mask file: flybox mask {flybox_time:.2f} s, "
+            f"relion_image_handler --multiply {relion_time:.2f} s: flybox "
+            f"{relion_time / flybox_time:.2f}x as fast (max |difference| {difference:.1g})"
+        )
 
 
 def _run(command: list[str], folder: Path) -> None:
@@ -182,8 +169,9 @@ def _run(command: list[str], folder: Path) -> None:
 
 
 def _max_difference(first: Path, second: Path) -> float:
-    a, _ = read_volume(first)
-    b, _ = read_volume(second)
+    read = read_stack if first.suffix == ".mrcs" else read_volume
+    a, _ = read(first)
+    b, _ = read(second)
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
@@ -267,7 +255,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.keep) as folder:
         stack_throughput(Path(folder), args.particles)
         volume_throughput(Path(folder), args.volume)
-        relion_side_by_side(Path(folder), args.volume)
+        relion_side_by_side(Path(folder), args.volume, args.particles)
         mask_step_cost(Path(folder))
 
 
