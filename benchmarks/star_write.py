@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,10 @@ import pandas as pd
 import starfile
 
 from flybox.io.star import _relion_float, read_relion_star, write_particles_star
+from flybox.model import CTF_STAR_COLUMNS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mask import best_of
 
 FLOAT_LABELS = [
     "rlnCoordinateX",
@@ -38,12 +42,7 @@ FLOAT_LABELS = [
     "rlnAnglePsi",
     "rlnOriginXAngst",
     "rlnOriginYAngst",
-    "rlnDefocusU",
-    "rlnDefocusV",
-    "rlnDefocusAngle",
-    "rlnCtfBfactor",
-    "rlnCtfScalefactor",
-    "rlnPhaseShift",
+    *CTF_STAR_COLUMNS,
     "rlnCtfMaxResolution",
     "rlnCtfFigureOfMerit",
     "rlnNormCorrection",
@@ -105,16 +104,6 @@ def per_cell_write(path: Path, optics: pd.DataFrame, particles: pd.DataFrame) ->
 
     text = "\n".join(block("optics", optics) + block("particles", particles)) + "\n"
     path.write_text(text)
-
-
-def best_of(repeat: int, function: Callable[[], object]) -> float:
-    """Shortest wall time of ``repeat`` calls, in seconds."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
