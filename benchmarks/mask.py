@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from flybox.io.mrc import read_stack, read_volume
+from flybox.io.mrc import read_header, read_stack, read_volume
 from flybox.io.mrc_write import StackWriter, write_volume
 from flybox.masking import Masker, mask_stack_file, mask_volumes
 from flybox.processors.mask import (
@@ -53,8 +53,9 @@ def best_of(repeats: int, function: Callable[[], object]) -> float:
     return min(times)
 
 
-def stack_throughput(folder: Path, count: int, box: int = 64) -> None:
-    """Mask an ``.mrcs`` of ``count`` random particles file to file with ``flybox mask``."""
+def stack_throughput(folder: Path, count: int, box: int = 64) -> Path:
+    """Mask an ``.mrcs`` of ``count`` random particles file to file with ``flybox mask``;
+    returns the stack."""
     source = folder / "particles.mrcs"
     rng = np.random.default_rng(1)
     with StackWriter(source, box, 1.0) as writer:
@@ -91,10 +92,11 @@ def stack_throughput(folder: Path, count: int, box: int = 64) -> None:
             f"mask: {count} particles {box}x{box} in {seconds:.2f} s "
             f"({count / seconds:.0f} particles/s) [{label}, .mrcs file to file]"
         )
+    return source
 
 
-def volume_throughput(folder: Path, size: int = 256) -> None:
-    """Mask a ``size``³ map in memory and file to file."""
+def volume_throughput(folder: Path, size: int = 256) -> Path:
+    """Mask a ``size``³ map in memory and file to file; returns the map file."""
     rng = np.random.default_rng(2)
     volume = rng.standard_normal((size, size, size), dtype=np.float32)
     settings = MaskSettings(shape="raised_crown", inner=20, outer=100, decay=6)
@@ -113,37 +115,34 @@ def volume_throughput(folder: Path, size: int = 256) -> None:
         f"mask: volume {size}^3 in {seconds:.2f} s ({voxels / seconds:.3g} voxels/s) "
         "[raised_crown, file to file, mask built once per run]"
     )
+    return source
 
 
-def relion_side_by_side(folder: Path, size: int = 256, particles: int = 100_000) -> None:
+def relion_side_by_side(folder: Path, volume: Path, stack: Path) -> None:
     """The same masking by RELION 3.1 and by ``flybox mask``, file to file, best of 3.
 
-    A map of ``size``³ and a stack of ``particles`` 64² images are multiplied by a soft mask
-    file: ``relion_image_handler --i IN --multiply MASK --o OUT`` against ``flybox mask IN -o
-    OUT --mask MASK``, each as the command a user types (one process, start-up included;
-    flybox also fsyncs its output, RELION does not). The outputs are checked equal to 1e-5.
+    The map and the stack of the throughput parts are multiplied by a soft mask file:
+    ``relion_image_handler --i IN --multiply MASK --o OUT`` against ``flybox mask IN -o OUT
+    --mask MASK``, each as the command a user types (one process, start-up included; flybox
+    also fsyncs its output, RELION does not). The outputs are checked equal to 1e-5.
     """
     handler = shutil.which("relion_image_handler")
     if handler is None:
         print("relion: relion_image_handler not installed; RELION comparison skipped")
         return
-    rng = np.random.default_rng(2)
-    cases = []
-    volume = folder / "relion_volume.mrc"
-    write_volume(volume, rng.standard_normal((size,) * 3, dtype=np.float32), voxel_size_a=1.0)
+    size = read_header(volume).shape[0]
+    stack_header = read_header(stack)
     volume_mask = folder / "volume_mask.mrc"
     crown = MaskSettings(shape="raised_crown", inner=20, outer=100, decay=6)
     write_volume(volume_mask, mask_3d((size,) * 3, crown), voxel_size_a=1.0)
-    cases.append((f"map {size}^3", volume, volume_mask, ".mrc"))
-    stack = folder / "relion_stack.mrcs"
-    with StackWriter(stack, 64, 1.0) as writer:
-        for start in range(0, particles, 10_000):
-            n = min(10_000, particles - start)
-            writer.append(rng.standard_normal((n, 64, 64), dtype=np.float32))
     stack_mask = folder / "stack_mask.mrc"
     soft = MaskSettings(shape="raised_cosine", inner=24, outer=30)
-    write_volume(stack_mask, mask_2d(64, soft), voxel_size_a=1.0)
-    cases.append((f"{particles} particles 64x64", stack, stack_mask, ".mrcs"))
+    write_volume(stack_mask, mask_2d(stack_header.nx, soft), voxel_size_a=1.0)
+    box = stack_header.nx
+    cases = [
+        (f"map {size}^3", volume, volume_mask, ".mrc"),
+        (f"{stack_header.nz} particles {box}x{box}", stack, stack_mask, ".mrcs"),
+    ]
     os.sync()
     for label, source, mask_file, suffix in cases:
         relion_out = folder / f"relion_out{suffix}"
@@ -253,9 +252,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="folder for the files (default: temporary)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.keep) as folder:
-        stack_throughput(Path(folder), args.particles)
-        volume_throughput(Path(folder), args.volume)
-        relion_side_by_side(Path(folder), args.volume, args.particles)
+        stack = stack_throughput(Path(folder), args.particles)
+        volume = volume_throughput(Path(folder), args.volume)
+        relion_side_by_side(Path(folder), volume, stack)
         mask_step_cost(Path(folder))
 
 

@@ -18,6 +18,7 @@ from flybox.daemon.simulate import Acquisition, AcquisitionSettings, synthetic_m
 from flybox.io.coords import write_coordinates_star
 from flybox.io.mrc import read_header
 from flybox.io.mrc_write import write_micrograph
+from tests.conftest import IN_CI
 from tests.test_service_support import (
     FOREIGN_UID,
     ServiceProcess,
@@ -70,7 +71,7 @@ def _units(output: Path) -> list[tuple[str, int, str]]:
 
 def _started(service: ServiceProcess) -> bool:
     assert service.alive(), service.output()
-    return ": running (" in service.output()
+    return service.running()
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def test_bad_inputs_are_quarantined_with_reasons_while_later_inputs_are_processe
     if os.geteuid() == 0:
         prefix = unprivileged_root_prefix()
     can_lock = os.geteuid() != 0 or prefix is not None
-    if os.environ.get("CI") == "true":
+    if IN_CI:
         assert can_lock, "CI runs as root without user namespaces: unreadable input untested"
     config = write_config(tmp_path, inputs, output, ctf=False)
     service = ServiceProcess(config, tmp_path / "log", prefix=prefix)

@@ -367,21 +367,19 @@ def build_mask(shape: Sequence[int], settings: MaskSettings) -> FloatArray:
     for a in axes[1:]:
         r2 = r2 + a * a
     if g.shape in _RADIAL:
-        mask = _radial_profile(g, r2)
-    elif g.shape == "box":
+        return np.ascontiguousarray(_radial_profile(g, r2), dtype=np.float32)
+    if g.shape == "box":
         keep = np.ones(g.dims, dtype=bool)
         for a, side in zip(axes, g.size[::-1], strict=True):
             low = -(side // 2)
             keep = keep & (a >= low) & (a <= low + side - 1)
-        mask = keep.astype(np.float64)
-        if g.invert:
-            mask = 1.0 - mask
     else:  # cylinder
         rxy2 = axes[1] ** 2 + axes[2] ** 2
         radial = np.sqrt(rxy2) < g.radius if g.relion else rxy2 <= g.radius**2
-        mask = (radial & (np.abs(axes[0]) <= g.height / 2)).astype(np.float64)
-        if g.invert:
-            mask = 1.0 - mask
+        keep = radial & (np.abs(axes[0]) <= g.height / 2)
+    mask = keep.astype(np.float64)
+    if g.invert:
+        mask = 1.0 - mask
     return np.ascontiguousarray(mask, dtype=np.float32)
 
 
@@ -428,18 +426,12 @@ def _radial_mask(g: MaskGeometry) -> FloatArray:
     """A radial mask centred on whole pixels: squared distances are then integers, so the
     profile is computed once per distinct distance (about 3·(N/2)² values for an N³ volume,
     instead of N³) and gathered, with the same float64 values as the direct evaluation."""
-    shifts = g.center[: len(g.dims)][::-1]
-    offsets = [
-        (np.arange(n, dtype=np.int64) - n // 2 - int(c)) ** 2
-        for n, c in zip(g.dims, shifts, strict=True)
-    ]
-    top = sum(int(o.max()) for o in offsets)
+    squares = [np.rint(a * a).astype(np.int64) for a in _logical_axes(g.dims, g.center)]
+    top = sum(int(q.max()) for q in squares)
     index_type = np.int32 if top < 2**31 else np.int64
     r2 = np.zeros(g.dims, dtype=index_type)
-    for axis, squares in enumerate(offsets):
-        view = [1] * len(g.dims)
-        view[axis] = squares.size
-        r2 += squares.astype(index_type).reshape(view)
+    for q in squares:
+        r2 += q.astype(index_type)
     profile = _radial_profile(g, np.arange(top + 1, dtype=np.float64)).astype(np.float32)
     return np.take(profile, r2)
 

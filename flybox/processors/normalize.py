@@ -196,9 +196,9 @@ def _image_sums(
             d = np.float64(row[c]) - ref
             s1 += d
             s2 += d * d
-    sums[2] = s1
-    sums[3] = s2
-    sums[4] = ref
+    sums[0] = s1
+    sums[1] = s2
+    sums[2] = ref
 
 
 @numba.njit(cache=True, fastmath=True)
@@ -229,6 +229,7 @@ def _normalize_batch(
     mask: npt.NDArray[np.float32],
     fill: int,
     fill_value: float,
+    removed: float,
     out: npt.NDArray[np.float32],
     sums: npt.NDArray[np.float64],
 ) -> None:  # pragma: no cover - compiled
@@ -236,7 +237,7 @@ def _normalize_batch(
     # form, then out = (x − a·j − b·i − c)·s, an optional mask, and the output's statistics.
     # mode: 0 none, 1 whole, 2 background, 3 ramp (see normalize_images).
     # fill (mask): -1 no mask, 0 multiply, 1 value, 2 min, 3 max, 4 avg, 5 soft_background;
-    # the result equals apply_mask() on the float32 normalised image.
+    # the result equals apply_mask() on the float32 normalised image. removed = Σ(1−m).
     n, ny, nx = images.shape
     cy = ny // 2
     cx = nx // 2
@@ -244,7 +245,6 @@ def _normalize_batch(
     while first_row < ny and inside_start[first_row] == 0 and inside_stop[first_row] == nx:
         first_row += 1
     first_col = 0 if inside_start[min(first_row, ny - 1)] > 0 else inside_stop[first_row]
-    removed = _removed_total(mask) if fill == 5 else 0.0
     for k in range(n):
         image = images[k]
         slope_x = 0.0
@@ -326,15 +326,6 @@ def _row_removed_sum(
 
 
 @numba.njit(cache=True, fastmath=True)
-def _removed_total(mask: npt.NDArray[np.float32]) -> float:  # pragma: no cover - compiled
-    total = 0.0
-    for r in range(mask.shape[0]):
-        for c in range(mask.shape[1]):
-            total += 1.0 - np.float64(mask[r, c])
-    return total
-
-
-@numba.njit(cache=True, fastmath=True)
 def _substitute_sums(
     image: npt.NDArray[np.float32],
     mask: npt.NDArray[np.float32],
@@ -354,9 +345,9 @@ def _substitute_sums(
             d = np.float64(result) - ref
             s1 += d
             s2 += d * d
-    sums[2] = s1
-    sums[3] = s2
-    sums[4] = ref
+    sums[0] = s1
+    sums[1] = s2
+    sums[2] = ref
 
 
 _MODES = {"none": 0, "whole": 1, "background": 2, "ramp": 3}
@@ -436,8 +427,9 @@ def normalize_images(
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError("out must be a C-contiguous float32 array of the images' shape")
-    sums = np.empty((n, 5))
+    sums = np.empty((n, 3))  # per image: Σv, Σv², x₀ (v = x − x₀)
     mask_array = _NO_MASK if mask is None else np.ascontiguousarray(mask, dtype=np.float32)
+    removed = float(np.sum(1.0 - mask_array.astype(np.float64)))  # Σ(1−m), soft fill
     low, high = np.inf, -np.inf
     # In chunks of a few images, so that numpy's min/max read them while they are in cache.
     chunk = max(1, (1 << 20) // (4 * box * box))
@@ -459,17 +451,18 @@ def normalize_images(
             mask_array,
             -1 if mask is None else _FILLS[fill],
             fill_value,
+            removed,
             out[start:stop],
             sums[start:stop],
         )
         low = min(low, float(out[start:stop].min()))
         high = max(high, float(out[start:stop].max()))
     size = box * box
-    mean_delta = sums[:, 2] / size
-    variances = np.maximum(sums[:, 3] / size - mean_delta**2, 0.0)
+    mean_delta = sums[:, 0] / size
+    variances = np.maximum(sums[:, 1] / size - mean_delta**2, 0.0)
     if not n:
         low = high = 0.0
-    return out, ImageStats(low, high, sums[:, 4] + mean_delta, variances)
+    return out, ImageStats(low, high, sums[:, 2] + mean_delta, variances)
 
 
 def _writable_float32(images: npt.NDArray[Any]) -> bool:
