@@ -1,20 +1,45 @@
 """Shared fixtures: where the real data lives, and how missing external components behave.
 
 Integration tests skip when a component (RELION, mosquitto, prometheus, the shared data) is
-absent, with the reason; under ``CI=true`` a missing component is a failure instead.
+absent, with the reason; under ``CI=true`` a missing component is a failure instead. The real
+data are read in place from ../shared (never copied into the repository).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FLYBOX_SHARED", REPO.parent / "shared"))
+
+
+def _shared_folder() -> Path:
+    """``$FLYBOX_SHARED``, else ``../shared`` beside the checkout, else beside the repository
+    this checkout was cloned from (a clone in a temporary folder, as CI checks are run)."""
+    if "FLYBOX_SHARED" in os.environ:
+        return Path(os.environ["FLYBOX_SHARED"])
+    beside = REPO.parent / "shared"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if origin and Path(origin).is_dir():
+        cloned_from = Path(origin).resolve().parent / "shared"
+        if cloned_from.is_dir():
+            return cloned_from
+    return beside
+
+
+SHARED = _shared_folder()
 REAL = SHARED / "data" / "real"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
