@@ -41,7 +41,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from flybox.daemon.simulate import write_dataset
+from flybox.sim.microscope import write_dataset
 
 BOX = 256
 SMALL = 64

@@ -4,7 +4,7 @@ Run with ``.venv/bin/python benchmarks/mask.py [--particles N] [--keep DIR]``. P
 
     mask: 100000 particles 64x64 in 1.23 s (81300 particles/s)
 
-The chain-cost part times the real extraction job (:func:`flybox.job.run_job`: read the
+The chain-cost part times the real extraction job (:func:`flybox.pipeline.job.run_job`: read the
 micrograph, extract 300 boxes of 256 px, Fourier-crop a 64-px set, ramp-normalise, invert,
 write both stacks and STAR files) with and without a ``mask`` step, interleaved over several
 rounds, best time of each; the target is a mask cost below 5 % of the chain.
@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from flybox.io.mrc import read_header, read_stack, read_volume
-from flybox.io.mrc_write import StackWriter, write_volume
-from flybox.masking import Masker, mask_stack_file, mask_volumes
+from flybox.cli.mask import Masker, mask_stack_file, mask_volumes
+from flybox.io.mrc import StackWriter, read_header, read_stack, read_volume, write_volume
 from flybox.processors.mask import (
     MaskSettings,
     apply_mask,
@@ -184,10 +183,10 @@ BASE_CHAIN: list[dict[str, object]] = [
 
 def chain_jobs(folder: Path, chains: dict[str, list[dict[str, object]]]) -> dict[str, Any]:
     """One real extraction job per chain, all on the same 4096² micrograph with 300 picks."""
-    from flybox.daemon.simulate import synthetic_micrograph
     from flybox.io.coords import write_coordinates_star
-    from flybox.io.mrc_write import write_micrograph
-    from flybox.job import MicrographJob
+    from flybox.io.mrc import write_micrograph
+    from flybox.pipeline.job import MicrographJob
+    from flybox.sim.microscope import synthetic_micrograph
 
     mic = folder / "chain.mrc"
     simulated = synthetic_micrograph(4096, 300, rng=3, edge_fraction=0.05)
@@ -212,7 +211,7 @@ def mask_step_cost(folder: Path, rounds: int = 15) -> None:
     noise and order effects hit all alike), and the best CPU time of each (this process;
     waits for the disk and the scheduler excluded, they swamp a few percent here) is compared.
     """
-    from flybox.job import discard_job, run_job
+    from flybox.pipeline.job import discard_job, run_job
 
     masks = {
         "raised_cosine": {"shape": "raised_cosine", "inner": 100, "outer": 120},

@@ -28,7 +28,7 @@ import pandas as pd
 import starfile
 
 from flybox.io.star import _relion_float, read_relion_star, write_particles_star
-from flybox.model import CTF_STAR_COLUMNS
+from flybox.types import CTF_STAR_COLUMNS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mask import best_of

@@ -41,14 +41,14 @@ from typing import Any
 import numpy as np
 
 from flybox.config import parse_config
-from flybox.daemon.commit import Committer
-from flybox.daemon.events import MicrographEvent
-from flybox.daemon.journal import Journal, SegmentRecord
 from flybox.daemon.service import Service
-from flybox.daemon.simulate import Acquisition, AcquisitionSettings, synthetic_micrograph
-from flybox.io.mrc_write import write_micrograph
-from flybox.job import JobResult, MicrographJob, run_job
-from flybox.model import OpticsGroup
+from flybox.daemon.telemetry.events import MicrographEvent
+from flybox.daemon.work.commit import Committer
+from flybox.daemon.work.journal import Journal, SegmentRecord
+from flybox.io.mrc import write_micrograph
+from flybox.pipeline.job import JobResult, MicrographJob, run_job
+from flybox.sim.microscope import Acquisition, AcquisitionSettings, synthetic_micrograph
+from flybox.types import OpticsGroup
 
 CHAIN: list[dict[str, Any]] = [
     {"step": "extract", "box": 256, "border": "fill"},

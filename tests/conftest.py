@@ -80,3 +80,12 @@ def _restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under ``tests/integration/`` (real services, subprocesses, browsers) is
+    ``slow``: the fast loop is ``pytest -m "not slow"``."""
+    integration = REPO / "tests" / "integration"
+    for item in items:
+        if integration in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)

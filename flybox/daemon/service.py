@@ -9,9 +9,10 @@
 Inside, everything runs on one event loop; blocking work goes to threads (scans, probes,
 hashing, parsing: the default thread pool; journal and commits: one journal thread, which
 serialises them) and processing to the executor's worker processes. Files flow:
-watcher → :class:`~flybox.daemon.complete.Completeness` (tick loop) → intake (fingerprint or
-parse, quarantine) → :class:`~flybox.daemon.pairing.Pairing` → journal unit (resolved by key) →
-ready queue → :mod:`flybox.daemon.runner` (submit, commit, events).
+watcher → :class:`~flybox.daemon.intake.complete.Completeness` (tick loop) → intake (fingerprint or
+parse, quarantine) → :class:`~flybox.daemon.intake.pairing.Pairing` → journal unit (resolved by
+key) →
+ready queue → :mod:`flybox.daemon.work.queue` (submit, commit, events).
 
 A restart continues where the journal says: units left ``running`` are queued again, the
 cumulative STAR files are cut back to their committed length, temporary files are removed,
@@ -38,19 +39,19 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from flybox.config import FlyboxConfig, load_config
-from flybox.daemon.commit import Committer
-from flybox.daemon.events import EventBus, ServiceState, StatusEvent
-from flybox.daemon.intake import Intake
-from flybox.daemon.journal import Journal, UnitRecord
-from flybox.daemon.pairing import Pair
-from flybox.daemon.progress import Phase, Progress
-from flybox.daemon.reading import settings_description, settings_hash
-from flybox.daemon.runner import UnitRunner
-from flybox.daemon.scheduler import Executor, LocalExecutor
-from flybox.daemon.sdnotify import Notifier
-from flybox.daemon.watch import Watcher, compile_pattern
+from flybox.daemon.intake.pairing import Pair
+from flybox.daemon.intake.reading import settings_description, settings_hash
+from flybox.daemon.intake.stage import Intake
+from flybox.daemon.intake.watch import Watcher, compile_pattern
+from flybox.daemon.systemd import Notifier
+from flybox.daemon.telemetry.events import EventBus, ServiceState, StatusEvent
+from flybox.daemon.telemetry.progress import Phase, Progress
+from flybox.daemon.work.commit import Committer
+from flybox.daemon.work.executor import Executor, LocalExecutor
+from flybox.daemon.work.journal import Journal, UnitRecord
+from flybox.daemon.work.queue import UnitRunner
 from flybox.errors import ConfigError
-from flybox.inputs import DEFAULT_COORD_SUFFIXES
+from flybox.pipeline.inputs import DEFAULT_COORD_SUFFIXES
 
 __all__ = ["Service", "check_settings", "run"]
 
@@ -120,7 +121,7 @@ class Service:
     config
         A validated configuration with ``[session]`` and ``[watch]``.
     executor
-        Where jobs run (default: :class:`~flybox.daemon.scheduler.LocalExecutor` with
+        Where jobs run (default: :class:`~flybox.daemon.work.executor.LocalExecutor` with
         ``[executor] workers``).
     notifier
         systemd notifications (default: from ``NOTIFY_SOCKET``).
@@ -192,7 +193,7 @@ class Service:
         return await loop.run_in_executor(self._journal_thread, call)
 
     def status_snapshot(self) -> StatusEvent:
-        """The current :class:`~flybox.daemon.events.StatusEvent`."""
+        """The current :class:`~flybox.daemon.telemetry.events.StatusEvent`."""
         return self.progress.snapshot(self.state)
 
     def publish_status(self) -> None:
@@ -249,7 +250,7 @@ class Service:
                 )
             self.runner = UnitRunner(self, self._executor)
             if self._publishing:
-                from flybox.daemon.publish import Publishing
+                from flybox.daemon.telemetry.fanout import Publishing
 
                 await stack.enter_async_context(
                     Publishing(self.config, self.bus, self.status_snapshot)

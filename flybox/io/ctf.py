@@ -1,6 +1,6 @@
 """CTF parameters from RELION STAR files, CTFFIND4 text output and cryoSPARC ``.cs`` arrays.
 
-Everything is converted to :class:`~flybox.model.CtfParams` in RELION's units and conventions
+Everything is converted to :class:`~flybox.types.CtfParams` in RELION's units and conventions
 (ALGORITHMS.md §7.1): defocus in Å (positive = underfocus), astigmatism angle and phase shift in
 degrees, voltage in kV, Cs in mm.
 """
@@ -20,7 +20,7 @@ import pandas as pd
 
 from flybox.errors import CtfFormatError, StarFormatError
 from flybox.io.star import optics_groups, read_relion_star
-from flybox.model import CtfParams, OpticsGroup
+from flybox.types import CtfParams, OpticsGroup
 
 __all__ = [
     "match_ctf",

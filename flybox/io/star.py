@@ -22,7 +22,7 @@ import starfile
 
 from flybox.errors import StarFormatError
 from flybox.io.atomic import atomic_write
-from flybox.model import OpticsGroup
+from flybox.types import OpticsGroup
 
 __all__ = [
     "RelionTable",
@@ -232,7 +232,7 @@ def _optional_float(row: Mapping[Any, Any], *names: str) -> float | None:
 
 
 def optics_groups(optics: pd.DataFrame) -> dict[int, OpticsGroup]:
-    """Turn a ``data_optics`` table into :class:`~flybox.model.OpticsGroup` objects.
+    """Turn a ``data_optics`` table into :class:`~flybox.types.OpticsGroup` objects.
 
     Parameters
     ----------

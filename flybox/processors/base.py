@@ -26,8 +26,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from flybox.model import CtfParams, ImageStats
+from flybox.processors.edges import apply_edge_fill, partial_windows
 from flybox.processors.fft import irfftn_last, rfftn_last
+from flybox.types import CtfParams, ImageStats
 
 if TYPE_CHECKING:  # pandas costs 0.2 s to import; array-only callers (masks) never need it
     import pandas as pd
@@ -43,10 +44,8 @@ __all__ = [
     "StepKind",
     "StepSettings",
     "StreamSplitter",
-    "apply_edge_fill",
-    "partial_windows",
+    "check_stream_name",
     "scaled_radius",
-    "stream_folder",
 ]
 
 FloatArray = npt.NDArray[np.float32]
@@ -56,12 +55,12 @@ StepKind = Literal["micrograph", "extract", "particles", "fanout"]
 MAIN_STREAM = "particles"
 
 
-def stream_folder(stream: str) -> str:
-    """Output folder of a stream (DESIGN.md §6): ``particles`` → ``Particles``,
-    ``particles_small`` → ``ParticlesSmall``."""
+def check_stream_name(stream: str) -> str:
+    """``stream`` if it is a valid stream name (lower_snake_case, as DESIGN.md §6 maps it to a
+    folder), else ``ValueError``."""
     if not re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", stream):
         raise ValueError(f"stream name {stream!r} must be lower_snake_case")
-    return "".join(part.capitalize() for part in stream.split("_"))
+    return stream
 
 
 def scaled_radius(radius: float, box: int, extraction_box: int) -> int:
@@ -300,44 +299,6 @@ class ParticleStack:
             ctf=self.ctf,
             sampled_box=sampled_box,
         )
-
-
-def partial_windows(windows: npt.NDArray[np.int64], box: int) -> npt.NDArray[np.intp]:
-    """Indices of the rows of ``windows`` (``[y0, y1, x0, x1)``) that do not cover the box."""
-    full = (
-        (windows[:, 0] == 0)
-        & (windows[:, 1] == box)
-        & (windows[:, 2] == 0)
-        & (windows[:, 3] == box)
-    )
-    return np.flatnonzero(~full)
-
-
-def apply_edge_fill(images: FloatArray, windows: npt.NDArray[np.int64]) -> FloatArray:
-    """Replace pixels outside each particle's valid window by the nearest inside pixel.
-
-    Equivalent to index clamping, ``box[r, c] = box[clip(r, y0, y1-1), clip(c, x0, x1-1)]``,
-    which is what RELION's column-then-row fill produces (ALGORITHMS.md §3).
-
-    Parameters
-    ----------
-    images
-        ``(n, b, b)`` images; a new array is returned.
-    windows
-        ``(n, 4)`` valid windows ``[y0, y1, x0, x1)``; a full window ``[0, b, 0, b)`` leaves
-        an image unchanged.
-    """
-    out = np.array(images, dtype=np.float32, copy=True)
-    b = images.shape[-1]
-    for k in partial_windows(windows, b):
-        y0, y1, x0, x1 = (int(v) for v in windows[k])
-        box = out[k]
-        # Columns first, then rows (which then carry the filled columns), as RELION does.
-        box[y0:y1, :x0] = box[y0:y1, x0 : x0 + 1]
-        box[y0:y1, x1:] = box[y0:y1, x1 - 1 : x1]
-        box[:y0] = box[y0]
-        box[y1:] = box[y1 - 1]
-    return out
 
 
 class StepSettings(BaseModel):

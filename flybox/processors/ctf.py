@@ -17,7 +17,7 @@ RELION's box-level flip (``relion_preprocess --phase_flip``) multiplies the spec
 ``scale · (−1 if CTF < 0 else +1)`` with the damped CTF (the B-factor envelope is positive,
 so it cannot change the sign) and clamps factors below 1e−8 in magnitude to ±1e−8, as
 ``getCTF`` does. Anisotropic magnification and even Zernike aberrations of an optics group
-are not modelled (:class:`flybox.model.CtfParams` does not carry them).
+are not modelled (:class:`flybox.types.CtfParams` does not carry them).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import pandas as pd
 from pydantic import Field
 
 from flybox.errors import ProcessingError
-from flybox.model import CtfParams
 from flybox.processors.base import (
     Micrograph,
     MicrographProcessor,
@@ -41,6 +40,7 @@ from flybox.processors.base import (
     StepSettings,
 )
 from flybox.processors.fft import irfftn_last, rfftn_last
+from flybox.types import CtfParams
 
 __all__ = [
     "MicrographPhaseFlipSettings",

@@ -34,10 +34,9 @@ from flybox.processors.base import (
     Micrograph,
     ParticleStack,
     StepSettings,
-    apply_edge_fill,
-    partial_windows,
 )
 from flybox.processors.coordinates import integer_centres
+from flybox.processors.edges import apply_edge_fill, partial_windows
 from flybox.processors.fft import empty_aligned
 
 __all__ = ["ExtractSettings", "ExtractStep", "box_windows"]

@@ -18,17 +18,23 @@ read-only cache only costs planning time. ``FLYBOX_CACHE_DIR=""`` disables it.
 
 from __future__ import annotations
 
-import os
-import platform
+import contextlib
 import threading
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import pyfftw
 
-__all__ = ["BLOCK", "cropped_rfft2", "empty_aligned", "irfftn_last", "rfftn_last"]
+__all__ = [
+    "BLOCK",
+    "WisdomStore",
+    "cropped_rfft2",
+    "empty_aligned",
+    "irfftn_last",
+    "rfftn_last",
+    "use_wisdom_store",
+]
 
 #: Images per FFTW execution.
 BLOCK = 16
@@ -41,40 +47,38 @@ _MAX_PLANS = 64
 _wisdom_loaded = False
 
 
-def _wisdom_path() -> Path | None:
-    folder = os.environ.get("FLYBOX_CACHE_DIR")
-    if folder is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        folder = os.path.join(base, "flybox")
-    if not folder:
-        return None
-    return Path(folder) / f"fftw-wisdom-{platform.node() or 'host'}.bin"
+class WisdomStore(Protocol):
+    """Where FFTW's wisdom (measured plans) is kept between processes: this package does no
+    I/O itself; :mod:`flybox.io.fftw_wisdom` provides the on-disk store."""
+
+    def load(self) -> tuple[bytes, ...] | None:
+        """The saved wisdom, or ``None``."""
+
+    def save(self, wisdom: tuple[bytes, ...]) -> None:
+        """Keep ``wisdom`` (failures only cost planning time later: never raise)."""
+
+
+_store: WisdomStore | None = None
+
+
+def use_wisdom_store(store: WisdomStore | None) -> None:
+    """Load and save FFTW wisdom through ``store`` (``None``: keep it in memory only)."""
+    global _store, _wisdom_loaded
+    _store, _wisdom_loaded = store, False
 
 
 def _load_wisdom() -> None:
     global _wisdom_loaded
     _wisdom_loaded = True
-    path = _wisdom_path()
-    try:
-        if path is not None and path.is_file():
-            parts = path.read_bytes().split(b"\0\0")
-            if len(parts) == 3:
-                pyfftw.import_wisdom(tuple(parts))
-    except (OSError, ValueError, TypeError):
-        pass  # a bad cache only costs planning time
+    wisdom = _store.load() if _store is not None else None
+    if wisdom is not None:
+        with contextlib.suppress(ValueError, TypeError):  # a bad cache costs planning time
+            pyfftw.import_wisdom(wisdom)
 
 
 def _save_wisdom() -> None:
-    path = _wisdom_path()
-    if path is None:
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temp.write_bytes(b"\0\0".join(pyfftw.export_wisdom()))
-        os.replace(temp, path)
-    except OSError:
-        pass  # read-only or full cache: only costs planning time next time
+    if _store is not None:
+        _store.save(tuple(pyfftw.export_wisdom()))
 
 
 def _block(real_shape: tuple[int, ...]) -> int:

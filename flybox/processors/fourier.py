@@ -29,7 +29,7 @@ from flybox.processors.base import (
     ParticleStack,
     StepSettings,
     StreamSplitter,
-    stream_folder,
+    check_stream_name,
 )
 from flybox.processors.fft import cropped_rfft2, empty_aligned, irfftn_last, rfftn_last
 
@@ -136,7 +136,7 @@ class FourierCropSettings(StepSettings):
     @classmethod
     def _valid_streams(cls, outputs: dict[str, int]) -> dict[str, int]:
         for name, size in outputs.items():
-            stream_folder(name)  # raises for names that are not lower_snake_case
+            check_stream_name(name)
             if size < 2:
                 raise ValueError(f"stream {name}: size must be at least 2, got {size}")
         return outputs

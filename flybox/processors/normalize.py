@@ -44,8 +44,8 @@ import pandas as pd
 from pydantic import Field
 
 from flybox.errors import ConfigError
-from flybox.model import ImageStats
 from flybox.processors.base import ParticleProcessor, ParticleStack, StepSettings, scaled_radius
+from flybox.types import ImageStats
 
 __all__ = [
     "InvertSettings",

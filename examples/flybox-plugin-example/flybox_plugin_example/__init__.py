@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from flybox.processors.base import ParticleProcessor, ParticleStack, StepSettings
+from flybox.processors import ParticleProcessor, ParticleStack, StepSettings
 
 __all__ = ["ClipSettings", "ClipStep"]
 

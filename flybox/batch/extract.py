@@ -1,0 +1,359 @@
+"""``flybox extract``: batch extraction of many micrographs with a pool of worker processes.
+
+Each micrograph is one :class:`~flybox.pipeline.job.MicrographJob`; workers write outputs under
+temporary names and this process commits them (rename) as they complete, then writes the
+cumulative STAR file of every stream once at the end. A micrograph that fails is reported
+in one line naming the file and the problem; the others go on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy.typing as npt
+
+from flybox.errors import FlyboxError, InputError, ProcessingError
+from flybox.io.ctf import read_ctf
+from flybox.io.mrc import read_header
+from flybox.io.star import read_relion_star
+from flybox.pipeline.inputs import CoordinateSource, MicrographSource, find_micrographs, match_name
+from flybox.pipeline.job import JobResult, MicrographJob, chain_for, commit_job, run_job
+from flybox.pipeline.layout import ParticleSet
+from flybox.processors.coordinates import recenter_picks
+from flybox.types import CtfParams, OpticsGroup
+
+__all__ = ["ExtractPlan", "ExtractSummary", "plan_extraction", "run_extraction"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractPlan:
+    """The jobs of a batch and what could not be planned."""
+
+    jobs: list[MicrographJob]
+    output_dir: str
+    streams: dict[str, int]
+    without_coordinates: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExtractSummary:
+    """What a batch did."""
+
+    micrographs: int
+    failed: list[str]
+    without_coordinates: int
+    particles: dict[str, int]
+    boxes: dict[str, int]
+    pixel_sizes: dict[str, float]
+    excluded: int
+    seconds: float
+
+    def line(self) -> str:
+        """The final one-line summary printed by ``flybox extract``."""
+        streams = ", ".join(
+            f"{s} {self.particles.get(s, 0)} ({self.boxes[s]} px"
+            + (f", {self.pixel_sizes[s]:.4g} Å)" if s in self.pixel_sizes else ")")
+            for s in self.boxes
+        )
+        rate = self.micrographs / self.seconds if self.seconds > 0 else 0.0
+        text = (
+            f"extracted {self.micrographs} micrographs: {streams}; "
+            f"{self.excluded} excluded at the border; {self.seconds:.2f} s, "
+            f"{rate:.2f} micrographs/s"
+        )
+        if self.failed:
+            text += f"; {len(self.failed)} failed"
+        if self.without_coordinates:
+            text += f"; {self.without_coordinates} without coordinates"
+        return text
+
+
+def _recentred(
+    star: str, source: MicrographSource, pixel_sizes: dict[str, float]
+) -> dict[str, Any]:
+    table = read_relion_star(star, "particles")
+    if "rlnMicrographName" not in table.rows:
+        raise InputError(star, "no rlnMicrographName column: cannot group particles by micrograph")
+    optics = table.optics
+    pixel_by_group: dict[int, float] = {}
+    if optics is not None and "rlnImagePixelSize" in optics:
+        for _, row in optics.iterrows():
+            pixel_by_group[int(row["rlnOpticsGroup"])] = float(row["rlnImagePixelSize"])
+    groups = {
+        str(name): rows.reset_index(drop=True)
+        for name, rows in table.rows.groupby("rlnMicrographName", sort=False)
+    }
+    picks: dict[str, Any] = {}
+    for entry in source.entries:
+        rows = match_name(groups, entry.name)
+        if rows is None:
+            continue
+        particle_pixel: float | npt.NDArray[Any]
+        if pixel_by_group and "rlnOpticsGroup" in rows:
+            particle_pixel = rows["rlnOpticsGroup"].map(pixel_by_group).to_numpy(dtype=float)
+        else:
+            particle_pixel = pixel_sizes[entry.path]
+        picks[entry.path] = recenter_picks(
+            rows,
+            particle_pixel_size_a=particle_pixel,
+            micrograph_pixel_size_a=pixel_sizes[entry.path],
+        )
+    return picks
+
+
+def plan_extraction(
+    *,
+    micrographs: str,
+    output_dir: str,
+    chain: list[dict[str, Any]],
+    coords: str | None = None,
+    coord_suffix: str | None = None,
+    min_fom: float | None = None,
+    cs_flip_y: bool = True,
+    ctf: str | None = None,
+    recenter: str | None = None,
+    pixel_size_a: float | None = None,
+    picking_pixel_size_a: float | None = None,
+    float16: bool = False,
+) -> ExtractPlan:
+    """Resolve inputs into jobs (no image is read; headers only when pixel sizes are needed).
+
+    Raises
+    ------
+    flybox.errors.FlyboxError
+        For unusable inputs or settings (one line naming the file or key).
+    """
+    built = chain_for(chain)
+    source = find_micrographs(micrographs)
+    ctfs = dict(source.ctfs)
+    if ctf is not None:
+        ctfs = read_ctf(ctf)
+    pixel_sizes: dict[str, float] = {}
+    if recenter is not None:
+        for entry in source.entries:
+            size = (
+                pixel_size_a
+                or entry.optics.micrograph_pixel_size_a
+                or read_header(entry.path).pixel_size_a
+            )
+            if not size:
+                raise ProcessingError(entry.path, "no pixel size in the header; set --pixel-size")
+            pixel_sizes[entry.path] = size
+        recentred = _recentred(recenter, source, pixel_sizes)
+        coordinates = CoordinateSource()
+    else:
+        recentred = {}
+        coordinates = CoordinateSource.from_spec(
+            coords, coord_suffix, min_fom=min_fom, cs_flip_y=cs_flip_y
+        )
+    plan = ExtractPlan(jobs=[], output_dir=output_dir, streams=built.streams)
+    stems: dict[str, str] = {}
+    for entry in source.entries:
+        if recenter is not None:
+            picks = recentred.get(entry.path)
+            coordinate_file = None
+        else:
+            coordinate_file, picks = coordinates.for_micrograph(entry.path, entry.name)
+        if coordinate_file is None and picks is None:
+            plan.without_coordinates.append(entry.path)
+            continue
+        stem = os.path.splitext(os.path.basename(entry.path))[0]
+        if stem in stems:
+            raise InputError(entry.path, f"same file name as {stems[stem]}: outputs would collide")
+        stems[stem] = entry.path
+        micrograph_ctf = entry.ctf if ctf is None else None
+        if micrograph_ctf is None and ctfs:
+            micrograph_ctf = match_name(ctfs, entry.name) or match_name(ctfs, entry.path)
+        optics = entry.optics
+        if micrograph_ctf is not None and optics.voltage_kv is None:
+            optics = replace(
+                optics,
+                voltage_kv=micrograph_ctf.voltage_kv,
+                cs_mm=micrograph_ctf.cs_mm,
+                amplitude_contrast=micrograph_ctf.amplitude_contrast,
+            )
+        if micrograph_ctf is not None and not micrograph_ctf.complete and optics.voltage_kv:
+            micrograph_ctf = _with_optics(micrograph_ctf, optics)
+        plan.jobs.append(
+            MicrographJob(
+                micrograph=entry.path,
+                name=entry.name,
+                output_dir=output_dir,
+                chain=chain,
+                picks=picks,
+                coordinates=coordinate_file,
+                min_fom=min_fom,
+                cs_flip_y=cs_flip_y,
+                ctf=micrograph_ctf,
+                optics=optics,
+                pixel_size_a=pixel_size_a,
+                picking_pixel_size_a=picking_pixel_size_a,
+                float16=float16,
+            )
+        )
+    if built.requires_ctf:
+        missing = [job.micrograph for job in plan.jobs if job.ctf is None]
+        if missing:
+            raise ProcessingError(
+                missing[0], f"no CTF found for {len(missing)} micrograph(s); give --ctf"
+            )
+    return plan
+
+
+def _with_optics(ctf: CtfParams, optics: OpticsGroup) -> CtfParams:
+    return replace(
+        ctf,
+        voltage_kv=ctf.voltage_kv if ctf.voltage_kv is not None else optics.voltage_kv,
+        cs_mm=ctf.cs_mm if ctf.cs_mm is not None else optics.cs_mm,
+        amplitude_contrast=(
+            ctf.amplitude_contrast
+            if ctf.amplitude_contrast is not None
+            else optics.amplitude_contrast
+        ),
+    )
+
+
+def _noop() -> None:
+    """A task that makes the pool start its workers."""
+
+
+def worker_pool(workers: int) -> futures.ProcessPoolExecutor:
+    """A process pool whose workers start with the processing modules imported.
+
+    When this process runs no other Python thread (the batch command), workers are forked
+    from it: they start in milliseconds and share the imported modules. The
+    only native thread then is the background thread of pyarrow's jemalloc (pulled in by
+    pandas), which jemalloc itself makes fork-safe with ``pthread_atfork`` handlers. With
+    other Python threads alive (the service), workers come from a fork server that imports
+    them once instead.
+    """
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+    fork = multiprocessing.get_start_method(allow_none=True) in (None, "fork")
+    if fork and threading.active_count() == 1:
+        import flybox.pipeline.preload  # noqa: F401  (kernels warmed up here, inherited by workers)
+
+        pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        with warnings.catch_warnings():
+            # Python ≥ 3.12 warns about fork() in any multi-threaded process; see above.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pool.submit(_noop).result()  # forks every worker now, before any other thread
+        log.debug("worker pool: %d processes forked from this one", workers)
+        return pool
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["flybox.pipeline.preload"])
+    log.debug("worker pool: %d processes from a fork server", workers)
+    return futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+def execute(
+    jobs: Sequence[MicrographJob], pool: futures.ProcessPoolExecutor | None, workers: int
+) -> Iterator[tuple[int, JobResult | BaseException]]:
+    """Run jobs (in this process when ``pool`` is None), yielding ``(index, result or
+    exception)`` as they finish. At most ``2 × workers`` jobs are in flight, so memory does
+    not grow with the batch.
+    """
+    if pool is None:
+        for index, job in enumerate(jobs):
+            try:
+                yield index, run_job(job)
+            except (FlyboxError, OSError, ValueError) as exc:
+                yield index, exc
+        return
+    pending: dict[futures.Future[JobResult], int] = {}
+    queue = iter(enumerate(jobs))
+    exhausted = False
+    while pending or not exhausted:
+        while not exhausted and len(pending) < 2 * workers:
+            try:
+                index, job = next(queue)
+            except StopIteration:
+                exhausted = True
+                break
+            pending[pool.submit(run_job, job)] = index
+        if not pending:
+            break
+        done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+        for future in done:
+            index = pending.pop(future)
+            error = future.exception()
+            yield index, (error if error is not None else future.result())
+
+
+def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True) -> ExtractSummary:
+    """Run a planned batch, commit outputs, write every stream's STAR file, summarise."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    os.makedirs(plan.output_dir, exist_ok=True)
+    results: dict[int, JobResult] = {}
+    failed: list[str] = []
+    # The pool first: its workers are forked before any thread starts (progress bar,
+    # committer).
+    pool = worker_pool(workers) if workers > 1 and len(plan.jobs) > 1 else None
+    bar = tqdm(total=len(plan.jobs), unit="mic", disable=not progress or None, file=sys.stderr)
+    # Commits (fsync + rename) run on their own thread, so that waiting for the disk never
+    # delays handing the next micrograph to a worker.
+    committer = futures.ThreadPoolExecutor(1, thread_name_prefix="flybox-commit")
+    commits: list[futures.Future[None]] = []
+    try:
+        for index, outcome in execute(plan.jobs, pool, workers):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, FlyboxError | OSError | ValueError):
+                    raise outcome
+                message = (
+                    str(outcome)
+                    if isinstance(outcome, FlyboxError)
+                    else (f"{plan.jobs[index].micrograph}: {type(outcome).__name__}: {outcome}")
+                )
+                failed.append(message)
+                bar.write(message, file=sys.stderr)
+            else:
+                commits.append(committer.submit(commit_job, outcome))
+                results[index] = outcome
+            bar.update(1)
+        for commit in commits:
+            commit.result()
+    finally:
+        committer.shutdown(wait=True)
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    sets = {stream: ParticleSet(plan.output_dir, stream) for stream in plan.streams}
+    boxes = dict(plan.streams)
+    pixel_sizes: dict[str, float] = {}
+    excluded = 0
+    for index in sorted(results):
+        result = results[index]
+        excluded += result.excluded
+        job = plan.jobs[index]
+        for stream, output in result.streams.items():
+            sets[stream].add(output.rows, job.optics, output.pixel_size_a, output.box)
+            if output.count:
+                boxes[stream] = output.box
+                pixel_sizes[stream] = output.pixel_size_a
+    for particle_set in sets.values():
+        particle_set.write()
+    return ExtractSummary(
+        micrographs=len(results),
+        failed=failed,
+        without_coordinates=len(plan.without_coordinates),
+        particles={stream: s.count for stream, s in sets.items()},
+        boxes=boxes,
+        pixel_sizes=pixel_sizes,
+        excluded=excluded,
+        seconds=time.perf_counter() - started,
+    )

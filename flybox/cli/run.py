@@ -1,0 +1,33 @@
+"""``flybox run -c CONFIG``: the streaming service in the foreground (systemd runs this)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DESCRIPTION = (
+    "Watch the [watch] folders and extract particles of every complete micrograph with picks "
+    "(and CTF, when a source is configured) into the [session] output folder, until "
+    "SIGTERM/SIGINT. Restarts continue where the journal says."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``flybox run``."""
+    p.add_argument("-c", "--config", required=True, metavar="CONFIG", help="TOML configuration")
+
+
+def _exit_cleanly(number: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the service until SIGTERM/SIGINT."""
+    import signal
+
+    # Until the service takes over SIGTERM/SIGINT (it then drains), a stop request while it
+    # is still starting is a clean exit: nothing has been taken yet.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    from flybox.daemon.service import run
+
+    return run(args.config)

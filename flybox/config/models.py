@@ -1,0 +1,347 @@
+"""The TOML configuration, as pydantic models (DESIGN.md §5; the keys shown there are a contract).
+
+``load_config(path)`` returns a validated :class:`FlyboxConfig` or raises
+:class:`~flybox.errors.ConfigError` naming the key path of the first problem;
+``config_problems(path)`` lists every problem (``flybox config check``). The ``[[chain]]``
+tables are validated by building the processing chain, so unknown steps, bad settings and a
+wrong step order are refused at start, never halfway through a session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from flybox.errors import ConfigError
+from flybox.pipeline.chain import Chain
+
+__all__ = [
+    "DEFAULT_CHAIN",
+    "ExecutorConfig",
+    "FlyboxConfig",
+    "HttpConfig",
+    "MicrographConfig",
+    "MqttConfig",
+    "OutputConfig",
+    "QualityRule",
+    "SessionConfig",
+    "WatchConfig",
+    "config_problems",
+    "load_config",
+    "parse_config",
+]
+
+#: The chain used when a configuration has none: RELION-like extraction at 256 px with a
+#: 64-px small set, ramp normalisation and inversion.
+DEFAULT_CHAIN: list[dict[str, Any]] = [
+    {"step": "extract", "box": 256, "border": "fill"},
+    {"step": "fourier_crop", "outputs": {"particles": 256, "particles_small": 64}},
+    {"step": "normalize", "method": "ramp"},
+    {"step": "invert"},
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SessionConfig(_Section):
+    """``[session]``: the session's name and its output folder."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output: Path
+
+
+class WatchConfig(_Section):
+    """``[watch]``: where inputs appear and how to watch them.
+
+    Patterns are globs; ``**`` matches any number of folders.
+    """
+
+    micrographs: list[str] = Field(min_length=1)
+    coordinates: list[str] = Field(default_factory=list)
+    coordinate_suffix: str | None = None
+    ctf: str | None = None
+    mode: Literal["auto", "poll"] = "auto"
+    rescan_seconds: float = Field(default=30.0, gt=0)
+    settle_seconds: float = Field(default=1.0, ge=0)
+    #: A file that stays incomplete (MRC shorter than its header says, text that does not
+    #: parse) this long without changing is quarantined.
+    incomplete_timeout_seconds: float = Field(default=120.0, gt=0)
+    #: A complete micrograph whose coordinates (or CTF) have not come after this long is
+    #: reported (it keeps waiting).
+    pairing_timeout_seconds: float = Field(default=600.0, gt=0)
+
+
+class MicrographConfig(_Section):
+    """``[micrograph]``: pixel sizes in Å (default: from the MRC header)."""
+
+    pixel_size: float | None = Field(default=None, gt=0)
+    picking_pixel_size: float | None = Field(default=None, gt=0)
+
+
+class OutputConfig(_Section):
+    """``[output]``: particle stacks as float16 (RELION's mode 12 rules) instead of float32."""
+
+    float16: bool = False
+
+
+class ExecutorConfig(_Section):
+    """``[executor]``: local worker processes, or the address of a Dask scheduler."""
+
+    workers: int = Field(default=2, ge=1, le=512)
+    address: str | None = None
+    #: On SIGTERM/SIGINT, in-flight micrographs get this long to finish; the rest are handed
+    #: back to the journal (queued) for the next start.
+    drain_seconds: float = Field(default=30.0, ge=0)
+    #: Attempts per micrograph before it is marked failed (worker crashes, I/O errors).
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class MqttConfig(_Section):
+    """``[mqtt]``: broker connection; absent means no MQTT."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic_prefix: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    outbox_limit: int = Field(default=10_000, ge=1)
+    status_seconds: float = Field(
+        default=10.0, gt=0, description="look at the status this often; publish it if changed"
+    )
+    flush_seconds: float = Field(
+        default=5.0, ge=0, description="at stop, wait this long for the outbox to drain"
+    )
+    reconnect_max_seconds: float = Field(
+        default=10.0, gt=0, description="longest wait between reconnection attempts"
+    )
+
+
+class HttpConfig(_Section):
+    """``[http]``: the /metrics and /api/status listener (``host:port``)."""
+
+    listen: str = "127.0.0.1:9464"
+    token: SecretStr | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @property
+    def host(self) -> str:
+        """Host part of ``listen`` (brackets of an IPv6 literal removed)."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """Port part of ``listen``."""
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the listener is reachable only from this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+#: Per-micrograph figures a ``[[quality]]`` rule can test; ``particles.<stream>`` names one
+#: stream (plain ``particles`` is the first stream of the chain).
+QUALITY_FIGURES = (
+    "picks",
+    "particles",
+    "excluded_border",
+    "local_variance",
+    "local_variance_median",
+    "gini",
+    "defocus",
+    "border_fraction",
+    "latency",
+)
+
+_CONDITION = re.compile(
+    r"^\s*(?P<figure>[a-z_]+(?:\.[A-Za-z0-9_]+)?)\s*(?P<op><=|>=|<|>)\s*"
+    r"(?P<threshold>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$"
+)
+
+
+class QualityRule(_Section):
+    """``[[quality]]``: a rolling-window rule over committed micrographs.
+
+    ``when = "particles < 50"``, ``count = 20``, ``window = 25`` fires an alert when at least
+    20 of the last 25 micrographs had fewer than 50 particles, and clears it when fewer than
+    20 of the last 25 do. Micrographs without the figure (e.g. no defocus) are not counted.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    when: str = Field(description="FIGURE OP NUMBER, e.g. 'particles < 50'")
+    count: int = Field(ge=1)
+    window: int = Field(ge=1, le=100_000)
+    message: str | None = None
+
+    @field_validator("when")
+    @classmethod
+    def _condition(cls, value: str) -> str:
+        match = _CONDITION.match(value)
+        if match is None:
+            raise ValueError(f"expected 'FIGURE OP NUMBER' (e.g. 'particles < 50'), got {value!r}")
+        figure = match["figure"]
+        if figure.partition(".")[0] not in QUALITY_FIGURES or (
+            "." in figure and not figure.startswith("particles.")
+        ):
+            known = ", ".join((*QUALITY_FIGURES, "particles.<stream>"))
+            raise ValueError(f"unknown figure {figure!r}; known: {known}")
+        return value
+
+    @model_validator(mode="after")
+    def _count_fits(self) -> QualityRule:
+        if self.count > self.window:
+            raise ValueError(f"count ({self.count}) is larger than window ({self.window})")
+        return self
+
+    def _parts(self) -> re.Match[str]:
+        match = _CONDITION.match(self.when)
+        if match is None:  # validated above
+            raise ConfigError("quality.when", f"cannot parse {self.when!r}")
+        return match
+
+    @property
+    def figure(self) -> str:
+        """The per-micrograph figure tested (``particles``, ``particles.<stream>``, ``gini``…)."""
+        return self._parts()["figure"]
+
+    @property
+    def operator(self) -> str:
+        """The comparison: ``<``, ``<=``, ``>`` or ``>=``."""
+        return self._parts()["op"]
+
+    @property
+    def threshold(self) -> float:
+        """The number the figure is compared with."""
+        return float(self._parts()["threshold"])
+
+
+class FlyboxConfig(_Section):
+    """The whole configuration file."""
+
+    session: SessionConfig | None = None
+    watch: WatchConfig | None = None
+    micrograph: MicrographConfig = MicrographConfig()
+    chain: list[dict[str, Any]] = Field(default_factory=lambda: [dict(s) for s in DEFAULT_CHAIN])
+    output: OutputConfig = OutputConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    mqtt: MqttConfig | None = None
+    http: HttpConfig = HttpConfig()
+    quality: list[QualityRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _chain_builds(self) -> FlyboxConfig:
+        Chain.from_config(self.chain)
+        return self
+
+    @model_validator(mode="after")
+    def _quality_names_unique(self) -> FlyboxConfig:
+        names = [rule.name for rule in self.quality]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"quality rule name {name!r} is used twice")
+        return self
+
+    def build_chain(self) -> Chain:
+        """The processing chain of this configuration."""
+        return Chain.from_config(self.chain)
+
+
+def _key(location: tuple[int | str, ...]) -> str:
+    key = ""
+    for part in location:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _problems(data: dict[str, Any]) -> list[ConfigError]:
+    try:
+        FlyboxConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, ConfigError):
+                problems.append(cause)
+            else:
+                problems.append(ConfigError(_key(tuple(error["loc"])), error["msg"]))
+        return problems
+    except ConfigError as exc:
+        return [exc]
+    return []
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the configuration: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+
+
+def parse_config(data: dict[str, Any]) -> FlyboxConfig:
+    """Validate already-parsed TOML data.
+
+    Raises
+    ------
+    ConfigError
+        For the first problem, with its key path.
+    """
+    problems = _problems(data)
+    if problems:
+        raise problems[0]
+    return FlyboxConfig.model_validate(data)
+
+
+def load_config(path: str | Path) -> FlyboxConfig:
+    """Read and validate a configuration file.
+
+    Raises
+    ------
+    ConfigError
+        When the file is unreadable, not TOML, or invalid (naming the key path).
+    """
+    return parse_config(_read_toml(path))
+
+
+def config_problems(path: str | Path) -> list[ConfigError]:
+    """Every problem of a configuration file, and every installed step plugin that does not
+    load or validate (empty when all is well)."""
+    from flybox.plugins.registry import plugin_errors
+
+    try:
+        problems = _problems(_read_toml(path))
+    except ConfigError as exc:
+        problems = [exc]
+    return problems + list(plugin_errors().values())

@@ -1,0 +1,322 @@
+"""MQTT publishing of session events (DESIGN.md §8), with aiomqtt 2.5.
+
+Topics under the prefix (``[mqtt] topic_prefix``, default ``flybox/<session name>``):
+
+- ``PREFIX/status``: :class:`~flybox.daemon.telemetry.events.StatusEvent`, retained; the
+last-will is
+  a retained status with state ``offline``;
+- ``PREFIX/micrographs/<name>``: one :class:`~flybox.daemon.telemetry.events.MicrographEvent` per
+  committed micrograph;
+- ``PREFIX/events``: quarantines, failures, missing inputs, quality alerts, output sets.
+
+Every message is QoS 1. :meth:`MqttPublisher.put` never blocks: events wait in a bounded
+outbox (``[mqtt] outbox_limit``) while the broker is away and are delivered in order after
+the reconnection; only past the bound is the oldest event dropped (counted and logged). Only
+the newest status waits, since each status replaces the previous one. Delivery is at least
+once: an event whose acknowledgement was lost is sent again, and subscribers de-duplicate by
+``event_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+import aiomqtt
+
+from flybox.config import MqttConfig
+from flybox.daemon.telemetry.events import Event, MicrographEvent, StatusEvent
+
+__all__ = ["MqttPublisher", "event_topic"]
+
+log = logging.getLogger(__name__)
+
+_FIRST_RETRY_SECONDS = 0.5
+_KEEPALIVE_SECONDS = 30
+_TIMEOUT_SECONDS = 10.0
+_NO_TOPIC = str.maketrans({"/": "_", "+": "_", "#": "_"})
+
+
+def event_topic(prefix: str, event: Event) -> str:
+    """The topic an event is published on (DESIGN.md §8)."""
+    if isinstance(event, StatusEvent):
+        return f"{prefix}/status"
+    if isinstance(event, MicrographEvent):
+        return f"{prefix}/micrographs/{event.name.translate(_NO_TOPIC)}"
+    return f"{prefix}/events"
+
+
+@dataclass(frozen=True)
+class _Message:
+    topic: str
+    payload: str
+    retain: bool
+
+
+class MqttPublisher:
+    """Delivers events to the broker; an async context manager owning its tasks.
+
+    Parameters
+    ----------
+    config
+        The ``[mqtt]`` section.
+    session
+        Session name (default topic prefix ``flybox/<session>``).
+    status
+        The service's current status: published on every (re)connection, refreshed every
+        ``status_seconds`` when it changed, and the base of the ``offline`` last-will.
+    on_drop, on_publish, on_connect
+        Called (in the event loop) for each dropped event, each delivered event and each
+        successful connection; the metrics count them.
+    """
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        session: str,
+        status: Callable[[], StatusEvent],
+        *,
+        on_drop: Callable[[], None] = lambda: None,
+        on_publish: Callable[[], None] = lambda: None,
+        on_connect: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._config = config
+        self.prefix = (config.topic_prefix or f"flybox/{session}").rstrip("/")
+        self._status = status
+        self._on_drop = on_drop
+        self._on_publish = on_publish
+        self._on_connect = on_connect
+        self._outbox: collections.deque[_Message] = collections.deque()
+        self._status_message: _Message | None = None
+        self._in_flight: _Message | None = None
+        self._last_status_content: str | None = None
+        self._wakeup = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self._connection: asyncio.Task[None] | None = None
+        self._connected = False
+        self._outage_since: float | None = None
+        self._dropped_in_outage = 0
+        self.dropped = 0
+        self.published = 0
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up."""
+        return self._connected
+
+    @property
+    def outbox_depth(self) -> int:
+        """Events not yet acknowledged by the broker."""
+        pending = (self._status_message is not None) + (self._in_flight is not None)
+        return len(self._outbox) + pending
+
+    def put(self, event: Event) -> None:
+        """Queue ``event`` for the broker; never blocks, never raises for broker trouble."""
+        message = _Message(
+            event_topic(self.prefix, event),
+            event.model_dump_json(),
+            retain=isinstance(event, StatusEvent),
+        )
+        if isinstance(event, StatusEvent):
+            self._status_message = message
+            self._last_status_content = _status_content(event)
+        else:
+            if len(self._outbox) >= self._config.outbox_limit:
+                self._outbox.popleft()
+                self._drop()
+            self._outbox.append(message)
+        self._wakeup.set()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        self._dropped_in_outage += 1
+        self._on_drop()
+        if self._dropped_in_outage == 1:
+            log.warning(
+                "MQTT outbox full (%d events): dropping the oldest (flybox_mqtt_dropped_total)",
+                self._config.outbox_limit,
+            )
+
+    async def __aenter__(self) -> MqttPublisher:
+        self._tasks = asyncio.TaskGroup()
+        await self._tasks.__aenter__()
+        self._connection = self._tasks.create_task(self._run(), name="mqtt-connection")
+        self._tasks.create_task(self._refresh_status(), name="mqtt-status-refresh")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(self._config.flush_seconds)
+
+    async def close(self, flush_seconds: float) -> None:
+        """Deliver what is queued (waiting at most ``flush_seconds``), then disconnect."""
+        tasks, self._tasks = self._tasks, None
+        if tasks is None:
+            return
+        self._closing.set()
+        self._wakeup.set()
+        connection = self._connection
+        try:
+            if connection is not None:
+                await asyncio.wait({connection}, timeout=flush_seconds)
+        finally:
+            if connection is not None and not connection.done():
+                connection.cancel()
+            await tasks.__aexit__(None, None, None)
+        if self.outbox_depth:
+            log.warning("MQTT: %d events were not delivered before stopping", self.outbox_depth)
+
+    async def _refresh_status(self) -> None:
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._config.status_seconds)
+            if self._closing.is_set():
+                return
+            try:
+                status = self._status()
+            except Exception:
+                log.exception("MQTT: reading the service status failed")
+                continue
+            if _status_content(status) != self._last_status_content:
+                self.put(status)
+
+    def _client(self) -> aiomqtt.Client:
+        config = self._config
+        tls = None
+        if config.tls_ca is not None or config.tls_cert is not None:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=None if config.tls_ca is None else str(config.tls_ca),
+                certfile=None if config.tls_cert is None else str(config.tls_cert),
+                keyfile=None if config.tls_key is None else str(config.tls_key),
+            )
+        password = None if config.password is None else config.password.get_secret_value()
+        offline = self._status().model_copy(
+            update={"state": "offline", "event_id": uuid.uuid4().hex}
+        )
+        return aiomqtt.Client(
+            config.host,
+            config.port,
+            username=config.username,
+            password=password,
+            identifier=f"flybox-{uuid.uuid4().hex[:12]}",
+            will=aiomqtt.Will(
+                f"{self.prefix}/status", offline.model_dump_json(), qos=1, retain=True
+            ),
+            keepalive=_KEEPALIVE_SECONDS,
+            timeout=_TIMEOUT_SECONDS,
+            tls_params=tls,
+            logger=log.getChild("client"),
+        )
+
+    async def _run(self) -> None:
+        delay = _FIRST_RETRY_SECONDS
+        while not self._closing.is_set():
+            try:
+                async with self._client() as client:
+                    self._connected_now()
+                    delay = _FIRST_RETRY_SECONDS
+                    async with asyncio.TaskGroup() as group:
+                        watcher = group.create_task(self._watch(client), name="mqtt-watch")
+                        await self._drain(client)
+                        watcher.cancel()
+                return
+            except* Exception as problem:
+                self._disconnected_now(problem)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self._config.reconnect_max_seconds)
+
+    def _connected_now(self) -> None:
+        self._connected = True
+        self._on_connect()
+        where = f"{self._config.host}:{self._config.port}"
+        if self._outage_since is None:
+            log.info("MQTT connected to %s, publishing under %s/", where, self.prefix)
+        else:
+            log.info(
+                "MQTT reconnected to %s after %.0f s; delivering %d queued events",
+                where,
+                time.monotonic() - self._outage_since,
+                self.outbox_depth,
+            )
+            if self._dropped_in_outage:
+                log.warning(
+                    "MQTT: %d events were dropped during the outage (outbox limit %d)",
+                    self._dropped_in_outage,
+                    self._config.outbox_limit,
+                )
+        self._outage_since = None
+        self._dropped_in_outage = 0
+        if self._closing.is_set():  # the final status is already queued
+            return
+        try:
+            self.put(self._status())
+        except Exception:
+            log.exception("MQTT: reading the service status failed")
+
+    def _disconnected_now(self, problem: BaseExceptionGroup[Exception]) -> None:
+        self._connected = False
+        if self._outage_since is not None:
+            log.debug("MQTT still unreachable: %s", _describe(problem))
+            return
+        self._outage_since = time.monotonic()
+        log.warning(
+            "MQTT broker %s:%d unreachable (%s); keeping events (at most %d) and retrying",
+            self._config.host,
+            self._config.port,
+            _describe(problem),
+            self._config.outbox_limit,
+        )
+
+    @staticmethod
+    async def _watch(client: aiomqtt.Client) -> None:
+        """Raise :class:`aiomqtt.MqttError` as soon as the connection drops."""
+        async for _ in client.messages:
+            pass
+
+    def _next(self) -> _Message | None:
+        if self._in_flight is None:
+            if self._status_message is not None:
+                self._in_flight, self._status_message = self._status_message, None
+            elif self._outbox:
+                self._in_flight = self._outbox.popleft()
+        return self._in_flight
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        """Deliver queued messages in order; return once closing with nothing left."""
+        while True:
+            message = self._next()
+            if message is None:
+                if self._closing.is_set():
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await client.publish(message.topic, message.payload, qos=1, retain=message.retain)
+            self._in_flight = None
+            self.published += 1
+            self._on_publish()
+
+
+def _status_content(status: StatusEvent) -> str:
+    """A status without its identity, to tell whether anything changed."""
+    return status.model_dump_json(exclude={"event_id", "time"})
+
+
+def _describe(problem: BaseException) -> str:
+    if isinstance(problem, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in problem.exceptions)
+    return str(problem) or type(problem).__name__

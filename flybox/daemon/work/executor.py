@@ -1,0 +1,204 @@
+"""Where units of work run: the executor interface and the local process pool (DESIGN.md §10).
+
+The service hands an executor a :class:`~flybox.pipeline.job.MicrographJob` (paths and
+settings, small
+and picklable) and awaits a :class:`~flybox.pipeline.job.JobResult` (small metadata; the worker has
+written its outputs under temporary names). Any object with the :class:`Executor` methods
+will do: :class:`LocalExecutor` runs jobs in worker processes on this machine; a Dask
+executor would wrap ``distributed.Client.submit(run_job, job)`` the same way (workers then
+read inputs and write temporary outputs on the shared file system, and the service commits).
+
+Workers come from a fork server that has imported the processing modules once
+(``flybox.pipeline.preload``): the service runs threads (watchdog, journal), so forking the service
+itself is not safe. Each worker ignores SIGINT (a Ctrl-C in a terminal reaches the whole
+process group; draining is the service's decision) and ends itself when the service process is
+gone, so that a killed service never leaves workers writing into the output folder behind it
+(the fork server and multiprocessing's resource tracker then end on their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as futures
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from types import TracebackType
+from typing import Protocol
+
+from flybox.pipeline.job import JobResult, MicrographJob, run_job
+
+__all__ = ["Executor", "LocalExecutor", "WorkerLostError"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLostError(Exception):
+    """The process running a job died (killed, out of memory, crashed in native code)."""
+
+
+class Executor(Protocol):
+    """What the service needs from an executor."""
+
+    @property
+    def workers(self) -> int:
+        """How many jobs can run at once (the service keeps about twice as many in flight)."""
+        ...
+
+    def submit(self, job: MicrographJob) -> asyncio.Future[JobResult]:
+        """Start a job; the future resolves to its result or raises its exception
+        (:class:`WorkerLostError` when the worker died)."""
+        ...
+
+    async def close(self, *, cancel: bool) -> None:
+        """Stop the workers; ``cancel``: abandon running jobs (their temporary files are
+        removed by the service)."""
+        ...
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (``/proc/PID/stat`` field 22), ``None`` when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_service(pid: int, started: str | None) -> None:
+    """Worker thread: end the worker when the service process is gone."""
+    while True:
+        time.sleep(0.5)
+        if _start_time(pid) != started:  # gone (or its pid reused)
+            os._exit(1)
+
+
+def _worker_init(service_pid: int) -> None:
+    """Runs first in every worker process.
+
+    Ignores SIGINT (draining is the service's decision) and makes the worker end with the
+    service: fork-server workers are the fork server's children and hold its pipes, so
+    neither the kernel nor multiprocessing would end them when the service is killed. A thread
+    checks every 0.5 s that the service process (pid + start time) still exists.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    started = _start_time(service_pid)
+    if started is None:  # the service died while this worker was starting
+        os._exit(1)
+    threading.Thread(
+        target=_watch_service, args=(service_pid, started), name="flybox-orphan", daemon=True
+    ).start()
+
+
+def _ready() -> int:
+    """A no-op job that makes the pool start a worker."""
+    return os.getpid()
+
+
+class LocalExecutor:
+    """A pool of worker processes on this machine; an async context manager.
+
+    Parameters
+    ----------
+    workers
+        Number of worker processes.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool: futures.ProcessPoolExecutor | None = None
+        self._generation = 0
+
+    @property
+    def workers(self) -> int:
+        """Number of worker processes."""
+        return self._workers
+
+    def _new_pool(self) -> futures.ProcessPoolExecutor:
+        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, "1")
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["flybox.pipeline.preload"])
+        return futures.ProcessPoolExecutor(
+            max_workers=self._workers,
+            mp_context=context,
+            initializer=_worker_init,
+            initargs=(os.getpid(),),
+        )
+
+    async def start(self) -> None:
+        """Start the workers now (the fork server imports the processing modules once), so
+        that the first micrograph does not wait for them."""
+        self._pool = self._new_pool()
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(self._pool, _ready) for _ in range(self._workers))
+        )
+
+    async def __aenter__(self) -> LocalExecutor:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(cancel=True)
+
+    def submit(self, job: MicrographJob) -> asyncio.Future[JobResult]:
+        """Run ``job`` in a worker."""
+        if self._pool is None:
+            raise RuntimeError("the executor is not started")
+        try:
+            submitted = self._pool.submit(run_job, job)
+        except futures.process.BrokenProcessPool:  # broken by an earlier job: not this one's fault
+            self._replace_broken(self._generation)
+            submitted = self._pool.submit(run_job, job)
+        generation = self._generation
+        inner = asyncio.wrap_future(submitted)
+        outer: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[JobResult]) -> None:
+            if outer.done():
+                return
+            if done.cancelled():
+                outer.cancel()
+                return
+            error = done.exception()
+            if isinstance(error, futures.process.BrokenProcessPool):
+                self._replace_broken(generation)
+                outer.set_exception(WorkerLostError(f"worker process died: {error}"))
+            elif error is not None:
+                outer.set_exception(error)
+            else:
+                outer.set_result(done.result())
+
+        inner.add_done_callback(settle)
+        outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+        return outer
+
+    def _replace_broken(self, generation: int) -> None:
+        """A worker died: the pool is unusable; start a new one (once per breakage)."""
+        if generation != self._generation or self._pool is None:
+            return
+        log.warning("a worker process died; starting new workers")
+        broken, self._pool = self._pool, self._new_pool()
+        self._generation += 1
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    async def close(self, *, cancel: bool) -> None:
+        """Shut the pool down; with ``cancel``, running jobs are killed."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list(getattr(pool, "_processes", {}).values()) if cancel else []
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        await asyncio.to_thread(pool.shutdown, wait=True)

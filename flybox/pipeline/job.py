@@ -1,0 +1,295 @@
+"""One unit of work: one micrograph through the chain, in a worker process.
+
+The worker gets paths and settings (a :class:`MicrographJob`, small and picklable), reads the
+micrograph and its picks itself, runs the chain in chunks of particles (memory stays bounded
+whatever the number of picks), writes each stream's stack and per-micrograph STAR file under
+**temporary names** (fsynced), and returns a small :class:`JobResult`. Making outputs visible
+(rename) is the committer's job: :func:`commit_job` in the batch command, the service's commit
+step in the daemon. A job that fails leaves nothing under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flybox.errors import ProcessingError
+from flybox.io.atomic import publish, temp_path_for
+from flybox.io.coords import read_coordinates
+from flybox.io.fftw_wisdom import FileWisdomStore, default_wisdom_path
+from flybox.io.mrc import StackWriter, read_micrograph
+from flybox.io.star import format_star_block
+from flybox.pipeline.chain import Chain
+from flybox.pipeline.layout import optics_table, particle_rows, stream_paths
+from flybox.processors.base import Micrograph
+from flybox.processors.coordinates import rescale_coordinates
+from flybox.processors.fft import use_wisdom_store
+from flybox.types import CtfParams, OpticsGroup
+
+__all__ = [
+    "JobResult",
+    "MicrographJob",
+    "StreamOutput",
+    "chain_for",
+    "commit_job",
+    "discard_job",
+    "run_job",
+]
+
+
+@dataclass
+class MicrographJob:
+    """Everything a worker needs to process one micrograph (paths and settings only).
+
+    Attributes
+    ----------
+    micrograph
+        Path of the MRC file.
+    name
+        ``rlnMicrographName`` for the particle rows (usually the path as the user gave it).
+    output_dir
+        The output folder (``OUT``); stacks go to ``OUT/<StreamFolder>/<stem>.mrcs``.
+    chain
+        The chain configuration, ``[{"step": …, **settings}, …]``.
+    picks
+        The picks, already read (multi-micrograph pick files, re-centred particles); or
+        ``None`` to read ``coordinates`` in the worker.
+    coordinates, coordinate_format, min_fom, cs_flip_y
+        The coordinate file and how to read it.
+    ctf
+        The micrograph's CTF, if known.
+    optics
+        Its optics group (voltage, Cs, Q0, micrograph pixel size).
+    pixel_size_a
+        Micrograph pixel size in Å; ``None`` takes the MRC header.
+    picking_pixel_size_a
+        Pixel size the coordinates refer to; coordinates are rescaled when it differs.
+    float16
+        Write stacks in mode 12 with RELION's float16 rules.
+    stem
+        Output file stem; default: the micrograph file's stem.
+    chunk_size
+        Particles per processing chunk.
+    """
+
+    micrograph: str
+    name: str
+    output_dir: str
+    chain: list[dict[str, Any]]
+    picks: pd.DataFrame | None = None
+    coordinates: str | None = None
+    coordinate_format: str | None = None
+    min_fom: float | None = None
+    cs_flip_y: bool = True
+    ctf: CtfParams | None = None
+    optics: OpticsGroup = field(default_factory=OpticsGroup)
+    pixel_size_a: float | None = None
+    picking_pixel_size_a: float | None = None
+    float16: bool = False
+    stem: str | None = None
+    chunk_size: int = 32
+
+    @property
+    def output_stem(self) -> str:
+        """Stem of this micrograph's output files."""
+        return self.stem or Path(self.micrograph).stem
+
+
+@dataclass
+class StreamOutput:
+    """One stream's outputs of one micrograph, written under temporary names."""
+
+    stream: str
+    box: int
+    pixel_size_a: float
+    count: int
+    rows: pd.DataFrame
+    stack_temp: str | None
+    stack_final: str
+    star_temp: str | None
+    star_final: str
+
+
+@dataclass
+class JobResult:
+    """What a worker hands back: small metadata, never image data."""
+
+    micrograph: str
+    name: str
+    picks: int
+    excluded: int
+    streams: dict[str, StreamOutput]
+    seconds: float
+    pixel_size_a: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def particles(self) -> int:
+        """Particles written per stream (the same for every stream)."""
+        return max((s.count for s in self.streams.values()), default=0)
+
+
+@lru_cache(maxsize=8)
+def _chain(configuration: str) -> Chain:
+    return Chain.from_config(json.loads(configuration))
+
+
+def chain_for(steps: list[dict[str, Any]]) -> Chain:
+    """The chain for a configuration, built once per process and reused."""
+    return _chain(json.dumps(steps, sort_keys=True))
+
+
+def _load_picks(job: MicrographJob, pixel_size_a: float) -> pd.DataFrame:
+    if job.picks is not None:
+        picks = job.picks.copy()
+    elif job.coordinates is not None:
+        picks = read_coordinates(
+            job.coordinates,
+            fmt=job.coordinate_format,  # type: ignore[arg-type]
+            min_fom=job.min_fom,
+            cs_flip_y=job.cs_flip_y,
+        )
+    else:
+        raise ProcessingError(job.micrograph, "no coordinates for this micrograph")
+    picks = picks.drop(columns=["rlnMicrographName", "rlnImageName"], errors="ignore")
+    picks = picks.drop(columns=["rlnParticleSelectionType"], errors="ignore")
+    if job.picking_pixel_size_a is not None and abs(job.picking_pixel_size_a - pixel_size_a) > 1e-6:
+        picks = rescale_coordinates(picks, job.picking_pixel_size_a / pixel_size_a)
+    return picks.reset_index(drop=True)
+
+
+def use_disk_wisdom() -> None:
+    """Keep FFTW plans measured by any flybox process of this host (idempotent)."""
+    global _wisdom_on_disk
+    if not _wisdom_on_disk:
+        _wisdom_on_disk = True
+        use_wisdom_store(FileWisdomStore(default_wisdom_path()))
+
+
+_wisdom_on_disk = False
+
+
+def run_job(job: MicrographJob) -> JobResult:
+    """Process one micrograph; outputs are left under temporary names.
+
+    Raises
+    ------
+    flybox.errors.InputError
+        When the micrograph or its coordinates cannot be read (quarantine the input).
+    flybox.errors.ProcessingError
+        When the inputs cannot be processed as requested (no pixel size, no CTF for a flip).
+    """
+    use_disk_wisdom()
+    started = time.perf_counter()
+    chain = chain_for(job.chain)
+    image, info = read_micrograph(job.micrograph, mmap=True)
+    pixel_size = job.pixel_size_a or job.optics.micrograph_pixel_size_a or info.pixel_size_a
+    if not pixel_size:
+        raise ProcessingError(job.micrograph, "no pixel size in the header; set --pixel-size")
+    if chain.requires_ctf and (job.ctf is None or not job.ctf.complete):
+        raise ProcessingError(job.micrograph, "the chain needs a CTF (voltage, Cs, Q0, defocus)")
+    picks = _load_picks(job, pixel_size)
+    micrograph = chain.prepare(Micrograph(image, pixel_size, job.name, picks, job.ctf))
+    picks = micrograph.picks
+
+    folder_paths = {s: stream_paths(job.output_dir, s, job.output_stem) for s in chain.streams}
+    writers: dict[str, StackWriter] = {}
+    temps: dict[str, str] = {}
+    tables: dict[str, list[pd.DataFrame]] = {s: [] for s in chain.streams}
+    pixel_sizes: dict[str, float] = {}
+    boxes: dict[str, int] = dict(chain.streams)
+    excluded = 0
+    try:
+        for start in range(0, len(picks), job.chunk_size):
+            chunk = micrograph.with_picks(picks.iloc[start : start + job.chunk_size])
+            stacks, chunk_excluded = chain.particles(chunk)
+            excluded += chunk_excluded
+            for stream, stack in stacks.items():
+                if len(stack) == 0:
+                    continue
+                if stream not in writers:
+                    stack_final = folder_paths[stream][0]
+                    os.makedirs(os.path.dirname(stack_final), exist_ok=True)
+                    temps[stream] = str(temp_path_for(stack_final))
+                    # No fsync here: commit_job() flushes before renaming (crash safety),
+                    # off this worker's critical path.
+                    writers[stream] = StackWriter(
+                        temps[stream],
+                        stack.box,
+                        stack.pixel_size_a,
+                        float16=job.float16,
+                        sync=False,
+                    )
+                writers[stream].append(stack.real(), stack.image_stats)
+                tables[stream].append(stack.table)
+                pixel_sizes[stream] = stack.pixel_size_a
+                boxes[stream] = stack.box
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+
+    outputs: dict[str, StreamOutput] = {}
+    for stream in chain.streams:
+        stack_final, star_final, relative_stack = folder_paths[stream]
+        box = boxes[stream]
+        pixel = pixel_sizes.get(stream, pixel_size * chain.extraction_box / box)
+        table = pd.concat(tables[stream], ignore_index=True) if tables[stream] else pd.DataFrame()
+        rows = particle_rows(table, relative_stack, job.optics.number, job.ctf)
+        star_temp = None
+        if len(rows):
+            optics = optics_table([job.optics], pixel, box)
+            star_temp = str(temp_path_for(star_final))
+            text = format_star_block("optics", optics) + "\n" + format_star_block("particles", rows)
+            with open(star_temp, "w") as handle:
+                handle.write(text)
+        outputs[stream] = StreamOutput(
+            stream=stream,
+            box=box,
+            pixel_size_a=pixel,
+            count=len(rows),
+            rows=rows,
+            stack_temp=temps.get(stream),
+            stack_final=stack_final,
+            star_temp=star_temp,
+            star_final=star_final,
+        )
+    stats = dict(micrograph.stats)
+    return JobResult(
+        micrograph=job.micrograph,
+        name=job.name,
+        picks=len(picks),
+        excluded=excluded,
+        streams=outputs,
+        seconds=time.perf_counter() - started,
+        pixel_size_a=pixel_size,
+        stats={k: float(v) for k, v in stats.items() if np.isfinite(v)},
+    )
+
+
+def commit_job(result: JobResult) -> None:
+    """Make a job's outputs visible: flush each temporary file to disk, then rename it to its
+    final name (:func:`flybox.io.atomic.publish`)."""
+    for output in result.streams.values():
+        if output.stack_temp is not None:
+            publish(output.stack_temp, output.stack_final)
+        if output.star_temp is not None:
+            publish(output.star_temp, output.star_final)
+
+
+def discard_job(result: JobResult) -> None:
+    """Remove a job's temporary files (a superseded or abandoned attempt)."""
+    for output in result.streams.values():
+        for temp in (output.stack_temp, output.star_temp):
+            if temp is not None:
+                Path(temp).unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""A synthetic microscope (micrographs, picks and CTF written over time) and ``flybox demo``."""
