@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from flybox.cli.mask import Masker, mask_stack_file, mask_volumes
+from flybox.batch.mask import Masker, mask_stack_file, mask_volumes
 from flybox.io.mrc import StackWriter, read_header, read_stack, read_volume, write_volume
+from flybox.pipeline.chain import ChainSpec
 from flybox.processors.mask import (
     MaskSettings,
     apply_mask,
@@ -197,7 +198,7 @@ def chain_jobs(folder: Path, chains: dict[str, list[dict[str, object]]]) -> dict
             micrograph=str(mic),
             name="chain.mrc",
             output_dir=str(folder / "chain_out"),
-            chain=chain,
+            chain=ChainSpec.of(chain),
             coordinates=str(folder / "chain_picks.star"),
         )
         for label, chain in chains.items()

@@ -46,6 +46,7 @@ from flybox.daemon.telemetry.events import MicrographEvent
 from flybox.daemon.work.commit import Committer
 from flybox.daemon.work.journal import Journal, SegmentRecord
 from flybox.io.mrc import write_micrograph
+from flybox.pipeline.chain import ChainSpec
 from flybox.pipeline.job import JobResult, MicrographJob, run_job
 from flybox.sim.microscope import Acquisition, AcquisitionSettings, synthetic_micrograph
 from flybox.types import OpticsGroup
@@ -221,7 +222,7 @@ def _results(root: Path, output: Path, count: int, prefix: str) -> list[tuple[st
             micrograph=str(path),
             name=f"Micrographs/{stem}.mrc",
             output_dir=str(output),
-            chain=CHAIN,
+            chain=ChainSpec.of(CHAIN),
             picks=mic.picks,
             stem=stem,
         )

@@ -36,6 +36,7 @@ __all__ = [
     "ProcessingError",
     "StarFormatError",
     "TransientIOError",
+    "config_errors",
 ]
 
 
@@ -145,3 +146,41 @@ class TransientIOError(FlyboxError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.problem))
+
+
+def config_errors(exc: Any, prefix: str = "", *, option_style: bool = False) -> list[ConfigError]:
+    """The one translation of a pydantic ``ValidationError`` into :class:`ConfigError` s with
+    key paths (configuration files, chain steps and command-line options alike).
+
+    Parameters
+    ----------
+    exc
+        A ``pydantic.ValidationError`` (anything with ``errors()``; pydantic is not imported
+        here, so that ``flybox.errors`` stays cheap to import).
+    prefix
+        Key path of the validated object (``"chain[2]"``: keys become ``chain[2].box``).
+    option_style
+        Keys as command-line options: ``--fill-value`` for the field ``fill_value``.
+
+    Returns
+    -------
+    list of ConfigError
+        One per problem, in pydantic's order; a validator's own ``ConfigError`` is kept as is.
+    """
+    problems: list[ConfigError] = []
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):
+            problems.append(cause)
+            continue
+        location = tuple(error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if option_style:
+            names = [str(part).replace("_", "-") for part in location if not isinstance(part, int)]
+            key = "--" + names[0] if names else prefix
+        else:
+            key = prefix
+            for part in location:
+                key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        problems.append(ConfigError(key, message))
+    return problems

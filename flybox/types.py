@@ -6,6 +6,7 @@ module and never on each other.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -122,6 +123,34 @@ class OpticsGroup:
     amplitude_contrast: float | None = None
     original_pixel_size_a: float | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_ctf(cls, ctf: CtfParams | None, pixel_size_a: float | None) -> OpticsGroup:
+        """The single optics group of micrographs whose CTF source gives the optics."""
+        group = cls(micrograph_pixel_size_a=pixel_size_a)
+        return group if ctf is None else group.with_optics_of(ctf)
+
+    def with_optics_of(self, ctf: CtfParams) -> OpticsGroup:
+        """This group with the voltage, Cs and amplitude contrast of ``ctf``."""
+        return dataclasses.replace(
+            self,
+            voltage_kv=ctf.voltage_kv,
+            cs_mm=ctf.cs_mm,
+            amplitude_contrast=ctf.amplitude_contrast,
+        )
+
+    def complete_ctf(self, ctf: CtfParams) -> CtfParams:
+        """``ctf`` with the optics it lacks (voltage, Cs, amplitude contrast) from this group."""
+        return dataclasses.replace(
+            ctf,
+            voltage_kv=ctf.voltage_kv if ctf.voltage_kv is not None else self.voltage_kv,
+            cs_mm=ctf.cs_mm if ctf.cs_mm is not None else self.cs_mm,
+            amplitude_contrast=(
+                ctf.amplitude_contrast
+                if ctf.amplitude_contrast is not None
+                else self.amplitude_contrast
+            ),
+        )
 
 
 class ImageStats(NamedTuple):

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import logging
-import multiprocessing
 import os
 import sys
-import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy.typing as npt
@@ -26,15 +23,55 @@ from flybox.errors import FlyboxError, InputError, ProcessingError
 from flybox.io.ctf import read_ctf
 from flybox.io.mrc import read_header
 from flybox.io.star import read_relion_star
-from flybox.pipeline.inputs import CoordinateSource, MicrographSource, find_micrographs, match_name
+from flybox.pipeline.chain import ChainSpec
+from flybox.pipeline.inputs import CoordinateSource, MicrographSource, find_micrographs
 from flybox.pipeline.job import JobResult, MicrographJob, chain_for, commit_job, run_job
 from flybox.pipeline.layout import ParticleSet
+from flybox.pipeline.matching import match_name, micrograph_stem
+from flybox.pipeline.workers import worker_pool
 from flybox.processors.coordinates import recenter_picks
-from flybox.types import CtfParams, OpticsGroup
 
-__all__ = ["ExtractPlan", "ExtractSummary", "plan_extraction", "run_extraction"]
+__all__ = ["ExtractPlan", "ExtractRequest", "ExtractSummary", "plan_extraction", "run_extraction"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    """What a batch extraction is asked to do (the options of ``flybox extract``, resolved).
+
+    Attributes
+    ----------
+    micrographs
+        A glob, or a micrographs STAR file.
+    output_dir
+        The output folder.
+    chain
+        The processing chain (validated).
+    coords, coord_suffix, min_fom, cs_flip_y
+        Where the picks are and how to read them.
+    ctf
+        A CTF source overriding the micrographs STAR file's.
+    recenter
+        A refined particle STAR file whose shifts re-centre the particles (instead of picks).
+    pixel_size_a, picking_pixel_size_a
+        Overrides of the micrograph pixel size and the pixel size of the coordinates, in Å.
+    float16
+        Write stacks in mode 12.
+    """
+
+    micrographs: str
+    output_dir: str
+    chain: ChainSpec
+    coords: str | None = None
+    coord_suffix: str | None = None
+    min_fom: float | None = None
+    cs_flip_y: bool = True
+    ctf: str | None = None
+    recenter: str | None = None
+    pixel_size_a: float | None = None
+    picking_pixel_size_a: float | None = None
+    float16: bool = False
 
 
 @dataclass
@@ -114,21 +151,7 @@ def _recentred(
     return picks
 
 
-def plan_extraction(
-    *,
-    micrographs: str,
-    output_dir: str,
-    chain: list[dict[str, Any]],
-    coords: str | None = None,
-    coord_suffix: str | None = None,
-    min_fom: float | None = None,
-    cs_flip_y: bool = True,
-    ctf: str | None = None,
-    recenter: str | None = None,
-    pixel_size_a: float | None = None,
-    picking_pixel_size_a: float | None = None,
-    float16: bool = False,
-) -> ExtractPlan:
+def plan_extraction(request: ExtractRequest) -> ExtractPlan:
     """Resolve inputs into jobs (no image is read; headers only when pixel sizes are needed).
 
     Raises
@@ -136,33 +159,36 @@ def plan_extraction(
     flybox.errors.FlyboxError
         For unusable inputs or settings (one line naming the file or key).
     """
-    built = chain_for(chain)
-    source = find_micrographs(micrographs)
+    built = chain_for(request.chain)
+    source = find_micrographs(request.micrographs)
     ctfs = dict(source.ctfs)
-    if ctf is not None:
-        ctfs = read_ctf(ctf)
+    if request.ctf is not None:
+        ctfs = read_ctf(request.ctf)
     pixel_sizes: dict[str, float] = {}
-    if recenter is not None:
+    if request.recenter is not None:
         for entry in source.entries:
             size = (
-                pixel_size_a
+                request.pixel_size_a
                 or entry.optics.micrograph_pixel_size_a
                 or read_header(entry.path).pixel_size_a
             )
             if not size:
                 raise ProcessingError(entry.path, "no pixel size in the header; set --pixel-size")
             pixel_sizes[entry.path] = size
-        recentred = _recentred(recenter, source, pixel_sizes)
+        recentred = _recentred(request.recenter, source, pixel_sizes)
         coordinates = CoordinateSource()
     else:
         recentred = {}
         coordinates = CoordinateSource.from_spec(
-            coords, coord_suffix, min_fom=min_fom, cs_flip_y=cs_flip_y
+            request.coords,
+            request.coord_suffix,
+            min_fom=request.min_fom,
+            cs_flip_y=request.cs_flip_y,
         )
-    plan = ExtractPlan(jobs=[], output_dir=output_dir, streams=built.streams)
+    plan = ExtractPlan(jobs=[], output_dir=request.output_dir, streams=built.streams)
     stems: dict[str, str] = {}
     for entry in source.entries:
-        if recenter is not None:
+        if request.recenter is not None:
             picks = recentred.get(entry.path)
             coordinate_file = None
         else:
@@ -170,38 +196,33 @@ def plan_extraction(
         if coordinate_file is None and picks is None:
             plan.without_coordinates.append(entry.path)
             continue
-        stem = os.path.splitext(os.path.basename(entry.path))[0]
+        stem = micrograph_stem(entry.path)
         if stem in stems:
             raise InputError(entry.path, f"same file name as {stems[stem]}: outputs would collide")
         stems[stem] = entry.path
-        micrograph_ctf = entry.ctf if ctf is None else None
+        micrograph_ctf = entry.ctf if request.ctf is None else None
         if micrograph_ctf is None and ctfs:
             micrograph_ctf = match_name(ctfs, entry.name) or match_name(ctfs, entry.path)
         optics = entry.optics
         if micrograph_ctf is not None and optics.voltage_kv is None:
-            optics = replace(
-                optics,
-                voltage_kv=micrograph_ctf.voltage_kv,
-                cs_mm=micrograph_ctf.cs_mm,
-                amplitude_contrast=micrograph_ctf.amplitude_contrast,
-            )
+            optics = optics.with_optics_of(micrograph_ctf)
         if micrograph_ctf is not None and not micrograph_ctf.complete and optics.voltage_kv:
-            micrograph_ctf = _with_optics(micrograph_ctf, optics)
+            micrograph_ctf = optics.complete_ctf(micrograph_ctf)
         plan.jobs.append(
             MicrographJob(
                 micrograph=entry.path,
                 name=entry.name,
-                output_dir=output_dir,
-                chain=chain,
+                output_dir=request.output_dir,
+                chain=request.chain,
                 picks=picks,
                 coordinates=coordinate_file,
-                min_fom=min_fom,
-                cs_flip_y=cs_flip_y,
+                min_fom=request.min_fom,
+                cs_flip_y=request.cs_flip_y,
                 ctf=micrograph_ctf,
                 optics=optics,
-                pixel_size_a=pixel_size_a,
-                picking_pixel_size_a=picking_pixel_size_a,
-                float16=float16,
+                pixel_size_a=request.pixel_size_a,
+                picking_pixel_size_a=request.picking_pixel_size_a,
+                float16=request.float16,
             )
         )
     if built.requires_ctf:
@@ -211,52 +232,6 @@ def plan_extraction(
                 missing[0], f"no CTF found for {len(missing)} micrograph(s); give --ctf"
             )
     return plan
-
-
-def _with_optics(ctf: CtfParams, optics: OpticsGroup) -> CtfParams:
-    return replace(
-        ctf,
-        voltage_kv=ctf.voltage_kv if ctf.voltage_kv is not None else optics.voltage_kv,
-        cs_mm=ctf.cs_mm if ctf.cs_mm is not None else optics.cs_mm,
-        amplitude_contrast=(
-            ctf.amplitude_contrast
-            if ctf.amplitude_contrast is not None
-            else optics.amplitude_contrast
-        ),
-    )
-
-
-def _noop() -> None:
-    """A task that makes the pool start its workers."""
-
-
-def worker_pool(workers: int) -> futures.ProcessPoolExecutor:
-    """A process pool whose workers start with the processing modules imported.
-
-    When this process runs no other Python thread (the batch command), workers are forked
-    from it: they start in milliseconds and share the imported modules. The
-    only native thread then is the background thread of pyarrow's jemalloc (pulled in by
-    pandas), which jemalloc itself makes fork-safe with ``pthread_atfork`` handlers. With
-    other Python threads alive (the service), workers come from a fork server that imports
-    them once instead.
-    """
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(variable, "1")
-    fork = multiprocessing.get_start_method(allow_none=True) in (None, "fork")
-    if fork and threading.active_count() == 1:
-        import flybox.pipeline.preload  # noqa: F401  (kernels warmed up here, inherited by workers)
-
-        pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-        with warnings.catch_warnings():
-            # Python ≥ 3.12 warns about fork() in any multi-threaded process; see above.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pool.submit(_noop).result()  # forks every worker now, before any other thread
-        log.debug("worker pool: %d processes forked from this one", workers)
-        return pool
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["flybox.pipeline.preload"])
-    log.debug("worker pool: %d processes from a fork server", workers)
-    return futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
 def execute(

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flybox.errors import ConfigError, InputError, ProcessingError, StarFormatError
-from flybox.io.atomic import publish, temp_path_for
+from flybox.io.atomic import rename_into_place, temp_path_for
 from flybox.io.mrc import MrcInfo, StackWriter, read_header, read_stack, read_volume, write_volume
 from flybox.processors.mask import FillMode, MaskCache, MaskSettings, apply_mask, is_binary_mask
 
@@ -221,7 +221,7 @@ def _write_masked_images(
                 stop = min(start + step, count)
                 chunk = source[start:stop] if indices is None else source[indices[start:stop]]
                 writer.append(masker.apply(chunk, mask, binary))
-        publish(temp, output)
+        rename_into_place(temp, output)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
 
 from flybox.errors import ConfigError
+from flybox.pipeline.chain import ChainSpec, StepSpec
 
 __all__ = ["DESCRIPTION", "add_arguments", "extract_chain", "run"]
 
@@ -251,9 +251,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def extract_chain(
-    args: argparse.Namespace, box: int, pixel_size_a: float | None
-) -> list[dict[str, Any]]:
+def extract_chain(args: argparse.Namespace, box: int, pixel_size_a: float | None) -> ChainSpec:
     """The chain ``flybox extract`` runs for its options (see ``--help``)."""
     from flybox.processors.boxsize import check_box
     from flybox.processors.fourier import rescaled_box
@@ -261,26 +259,28 @@ def extract_chain(
     relion = args.convention == "relion"
     for warning in check_box(box, convention=args.convention, what="--box"):
         log.warning(warning)
-    steps: list[dict[str, Any]] = []
+    steps: list[StepSpec] = []
     dust_mode = args.dust_mode or ("particle" if relion else "micrograph")
     flip_mode = args.flip_mode or ("box" if relion else "micrograph")
     if args.dust is not None and dust_mode == "micrograph":
-        steps.append({"step": "dust", "sigma": args.dust})
+        steps.append(StepSpec("dust", {"sigma": args.dust}))
     if args.phase_flip and flip_mode == "micrograph":
-        steps.append({"step": "phase_flip_micrograph"})
+        steps.append(StepSpec("phase_flip_micrograph"))
     if args.descriptors:
-        steps.append({"step": "descriptors", "patch_size": args.patch_size})
+        steps.append(StepSpec("descriptors", {"patch_size": args.patch_size}))
     steps.append(
-        {
-            "step": "extract",
-            "box": box,
-            "border": args.border or ("fill" if relion else "skip"),
-            "center_rounding": args.center_rounding or ("trunc" if relion else "round"),
-            "local_average": bool(args.descriptors),
-        }
+        StepSpec(
+            "extract",
+            {
+                "box": box,
+                "border": args.border or ("fill" if relion else "skip"),
+                "center_rounding": args.center_rounding or ("trunc" if relion else "round"),
+                "local_average": bool(args.descriptors),
+            },
+        )
     )
     if args.phase_flip and flip_mode == "box":
-        steps.append({"step": "phase_flip"})
+        steps.append(StepSpec("phase_flip"))
     main_box = box
     if args.fcrop is not None:
         if args.rescale_factor is not None or args.target_pixel_size is not None:
@@ -304,27 +304,29 @@ def extract_chain(
             for warning in check_box(size, convention=args.convention, what=f"{name} size"):
                 log.warning(warning)
     if outputs != {"particles": box}:
-        steps.append({"step": "fourier_crop", "outputs": outputs})
+        steps.append(StepSpec("fourier_crop", {"outputs": outputs}))
     if args.force_box is not None:
-        steps.append({"step": "window", "size": args.force_box, "streams": ["particles"]})
+        steps.append(StepSpec("window", {"size": args.force_box, "streams": ["particles"]}))
     norm = args.norm or "ramp"
     particle_dust = args.dust is not None and dust_mode == "particle"
     if norm != "none" or particle_dust:
         steps.append(
-            {
-                "step": "normalize",
-                "method": norm,
-                "bg_radius": args.bg_radius,
-                "convention": args.convention,
-                "sigma": args.sigma,
-                "background": args.background,
-                "white_dust": args.dust if particle_dust else -1.0,
-                "black_dust": args.dust if particle_dust else -1.0,
-            }
+            StepSpec(
+                "normalize",
+                {
+                    "method": norm,
+                    "bg_radius": args.bg_radius,
+                    "convention": args.convention,
+                    "sigma": args.sigma,
+                    "background": args.background,
+                    "white_dust": args.dust if particle_dust else -1.0,
+                    "black_dust": args.dust if particle_dust else -1.0,
+                },
+            )
         )
     if args.invert:
-        steps.append({"step": "invert"})
-    return steps
+        steps.append(StepSpec("invert"))
+    return ChainSpec(tuple(steps))
 
 
 def _picking_box(args: argparse.Namespace) -> float | None:
@@ -344,7 +346,7 @@ def _picking_box(args: argparse.Namespace) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``flybox extract``; returns the exit status (1 when some micrographs failed)."""
-    from flybox.batch.extract import plan_extraction, run_extraction
+    from flybox.batch.extract import ExtractRequest, plan_extraction, run_extraction
     from flybox.config import load_config
     from flybox.io.mrc import read_header
     from flybox.pipeline.inputs import find_micrographs
@@ -362,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(given[0], "processing options cannot be combined with -c CONFIG")
         config = load_config(args.config)
-        chain = config.chain
+        chain = config.build_chain().spec
         pixel_size = pixel_size or config.micrograph.pixel_size
         picking_pixel_size = picking_pixel_size or config.micrograph.picking_pixel_size
         float16 = float16 or config.output.float16
@@ -384,18 +386,20 @@ def run(args: argparse.Namespace) -> int:
             )
         chain = extract_chain(args, box, known_pixel)
     plan = plan_extraction(
-        micrographs=args.micrographs,
-        output_dir=args.output,
-        chain=chain,
-        coords=args.coords,
-        coord_suffix=args.coord_suffix,
-        min_fom=args.min_fom,
-        cs_flip_y=args.cs_flip_y,
-        ctf=args.ctf,
-        recenter=args.recenter,
-        pixel_size_a=pixel_size,
-        picking_pixel_size_a=picking_pixel_size,
-        float16=float16,
+        ExtractRequest(
+            micrographs=args.micrographs,
+            output_dir=args.output,
+            chain=chain,
+            coords=args.coords,
+            coord_suffix=args.coord_suffix,
+            min_fom=args.min_fom,
+            cs_flip_y=args.cs_flip_y,
+            ctf=args.ctf,
+            recenter=args.recenter,
+            pixel_size_a=pixel_size,
+            picking_pixel_size_a=picking_pixel_size,
+            float16=float16,
+        )
     )
     for path in plan.without_coordinates:
         log.warning("%s: no coordinates found; skipped", path)

@@ -32,8 +32,8 @@ from flybox.batch.mask import (
     mask_stack_file,
     mask_volumes,
 )
-from flybox.errors import ConfigError, FlyboxError, InputError
-from flybox.processors.mask import MaskSettings, config_error
+from flybox.errors import ConfigError, FlyboxError, InputError, config_errors
+from flybox.processors.mask import MaskSettings
 
 __all__ = ["DESCRIPTION", "add_arguments", "masker_from_args", "run"]
 
@@ -124,7 +124,7 @@ def masker_from_args(args: argparse.Namespace) -> Masker:
     try:
         settings = MaskSettings.model_validate({"shape": args.shape, **values})
     except ValidationError as exc:
-        raise config_error(exc, prefix="--") from None
+        raise config_errors(exc, option_style=True)[0] from None
     return Masker(settings, args.mask)
 
 

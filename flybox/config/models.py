@@ -19,14 +19,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from flybox.errors import ConfigError
-from flybox.pipeline.chain import Chain
+from flybox.errors import ConfigError, config_errors
+from flybox.pipeline.chain import Chain, ChainSpec
 
 __all__ = [
     "DEFAULT_CHAIN",
@@ -258,9 +259,11 @@ class FlyboxConfig(_Section):
     http: HttpConfig = HttpConfig()
     quality: list[QualityRule] = Field(default_factory=list)
 
+    _built: tuple[ChainSpec, Chain] | None = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _chain_builds(self) -> FlyboxConfig:
-        Chain.from_config(self.chain)
+        self.build_chain()
         return self
 
     @model_validator(mode="after")
@@ -272,29 +275,19 @@ class FlyboxConfig(_Section):
         return self
 
     def build_chain(self) -> Chain:
-        """The processing chain of this configuration."""
-        return Chain.from_config(self.chain)
-
-
-def _key(location: tuple[int | str, ...]) -> str:
-    key = ""
-    for part in location:
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-    return key
+        """The processing chain of this configuration (built and validated once, when the
+        configuration was)."""
+        spec = ChainSpec.of(self.chain)
+        if self._built is None or self._built[0] != spec:
+            self._built = (spec, Chain.from_config(spec))
+        return self._built[1]
 
 
 def _problems(data: dict[str, Any]) -> list[ConfigError]:
     try:
         FlyboxConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            cause = (error.get("ctx") or {}).get("error")
-            if isinstance(cause, ConfigError):
-                problems.append(cause)
-            else:
-                problems.append(ConfigError(_key(tuple(error["loc"])), error["msg"]))
-        return problems
+        return config_errors(exc)
     except ConfigError as exc:
         return [exc]
     return []

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "fsync_directory", "publish", "temp_path_for"]
+__all__ = ["atomic_write", "fsync_directory", "rename_into_place", "temp_path_for"]
 
 #: errno values with which some file systems refuse to fsync a directory; harmless to skip.
 _DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES}
@@ -60,7 +60,7 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def publish(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+def rename_into_place(temp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
     """Commit a completely written temporary file under its final name.
 
     Flushes ``temp`` to disk, renames it onto ``final`` (atomically replacing any old file) and

@@ -23,7 +23,6 @@ from flybox.io.star import optics_groups, read_relion_star
 from flybox.types import CtfParams, OpticsGroup
 
 __all__ = [
-    "match_ctf",
     "read_cs_ctf_per_row",
     "read_ctf",
     "read_micrographs_star",
@@ -310,32 +309,3 @@ def read_ctf(path: PathLike) -> dict[str, CtfParams]:
         return _read_ctffind(path)
     except OSError as exc:
         raise CtfFormatError(path, f"cannot read: {exc.strerror or exc}") from exc
-
-
-def match_ctf(ctfs: Mapping[str, CtfParams], micrograph_path: str) -> CtfParams | None:
-    """Find the CTF of a micrograph: exact name, then file name, then file stem.
-
-    Parameters
-    ----------
-    ctfs
-        Result of :func:`read_ctf` or :func:`read_micrographs_star`.
-    micrograph_path
-        Path of the micrograph being processed.
-
-    Returns
-    -------
-    CtfParams or None
-        The match; ``None`` when nothing matches or when several entries share the matching
-        file name or stem (ambiguous).
-    """
-    found = ctfs.get(micrograph_path)
-    if found is not None:
-        return found
-    target = PurePath(micrograph_path)
-    for wanted, part in ((target.name, "name"), (target.stem, "stem")):
-        hits = [ctf for name, ctf in ctfs.items() if getattr(PurePath(name), part) == wanted]
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            return None
-    return None

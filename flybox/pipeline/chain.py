@@ -12,14 +12,15 @@ fan-out step (``fourier_crop``), then particle steps that run on every stream.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pydantic import ValidationError
 
-from flybox.errors import ConfigError, PluginError
+from flybox.errors import ConfigError, PluginError, config_errors
 from flybox.plugins.registry import get_step
 from flybox.processors.base import (
     MAIN_STREAM,
@@ -32,7 +33,43 @@ from flybox.processors.base import (
     StreamSplitter,
 )
 
-__all__ = ["Chain"]
+__all__ = ["Chain", "ChainSpec", "StepSpec"]
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One chain entry as plain data: a step name and its settings (not yet validated)."""
+
+    step: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """A chain as plain, picklable data: what workers receive and rebuild (once per process,
+    :func:`flybox.pipeline.job.chain_for`). Two specs with the same :attr:`key` build the same
+    chain; a spec made by :attr:`Chain.spec` is complete (defaults filled in) and valid.
+    """
+
+    steps: tuple[StepSpec, ...]
+
+    @classmethod
+    def of(cls, entries: Sequence[Mapping[str, Any]]) -> ChainSpec:
+        """From ``[{"step": name, **settings}, …]`` (the ``[[chain]]`` tables)."""
+        specs = []
+        for entry in entries:
+            values = dict(entry)
+            specs.append(StepSpec(str(values.pop("step", "")), values))
+        return cls(tuple(specs))
+
+    def entries(self) -> list[dict[str, Any]]:
+        """As ``[{"step": name, **settings}, …]``."""
+        return [{"step": spec.step, **spec.settings} for spec in self.steps]
+
+    @cached_property
+    def key(self) -> str:
+        """Canonical JSON of the entries: the spec's identity."""
+        return json.dumps(self.entries(), sort_keys=True, separators=(",", ":"))
 
 
 class Chain:
@@ -86,14 +123,16 @@ class Chain:
                 ) from exc
 
     @classmethod
-    def from_config(cls, steps: Sequence[Mapping[str, Any]]) -> Chain:
-        """Build and validate a chain from ``[{"step": name, **settings}, …]``.
+    def from_config(cls, steps: Sequence[Mapping[str, Any]] | ChainSpec) -> Chain:
+        """Build and validate a chain from ``[{"step": name, **settings}, …]`` or a spec.
 
         Raises
         ------
         ConfigError
             With the key path of the first problem found.
         """
+        if isinstance(steps, ChainSpec):
+            steps = steps.entries()
         processors: list[Processor[Any]] = []
         for index, entry in enumerate(steps):
             values = dict(entry)
@@ -107,10 +146,7 @@ class Chain:
             try:
                 processors.append(step_class.from_mapping(values))
             except ValidationError as exc:
-                error = exc.errors()[0]
-                where = ".".join(str(part) for part in error["loc"])
-                key = f"chain[{index}].{where}" if where else f"chain[{index}]"
-                raise ConfigError(key, error["msg"]) from exc
+                raise config_errors(exc, f"chain[{index}]")[0] from exc
         return cls(processors)
 
     @property
@@ -134,11 +170,10 @@ class Chain:
         """The chain as plain data: ``[{"step": name, **settings}, …]`` with defaults filled."""
         return [{"step": step.name, **step.settings_dict()} for step in self.steps]
 
-    @property
-    def settings_hash(self) -> str:
-        """SHA-256 of the canonical JSON of :meth:`describe` (journal key, output versions)."""
-        text = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+    @cached_property
+    def spec(self) -> ChainSpec:
+        """This chain as a complete spec (what workers receive)."""
+        return ChainSpec.of(self.describe())
 
     def prepare(self, micrograph: Micrograph) -> Micrograph:
         """Run the micrograph steps (dust removal, whole-micrograph flip, descriptors)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -20,6 +19,7 @@ import pandas as pd
 from flybox.errors import InputError
 from flybox.io.coords import read_coordinates
 from flybox.io.ctf import read_micrographs_star
+from flybox.pipeline.matching import match_name, micrograph_stem
 from flybox.types import CtfParams, OpticsGroup
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "CoordinateSource",
     "MicrographEntry",
     "find_micrographs",
-    "match_name",
 ]
 
 T = TypeVar("T")
@@ -42,30 +41,6 @@ DEFAULT_COORD_SUFFIXES = (
     ".txt",
     ".coords",
 )
-
-
-def _stem(name: str) -> str:
-    base = os.path.basename(name)
-    return base.rsplit(".", 1)[0] if "." in base else base
-
-
-def match_name(mapping: Mapping[str, T], path: str) -> T | None:
-    """The value whose key names the same micrograph as ``path``.
-
-    Tries the exact string, then the file name, then the stem; a stem shared by several keys
-    is ambiguous and gives ``None``.
-    """
-    if path in mapping:
-        return mapping[path]
-    base = os.path.basename(path)
-    by_base = [k for k in mapping if os.path.basename(k) == base]
-    if len(by_base) == 1:
-        return mapping[by_base[0]]
-    stem = _stem(path)
-    by_stem = [k for k in mapping if _stem(k) == stem]
-    if len(by_stem) == 1:
-        return mapping[by_stem[0]]
-    return None
 
 
 @dataclass
@@ -160,7 +135,9 @@ class CoordinateSource:
         files = {}
         for match in matches:
             base = os.path.basename(match)
-            key = base[: -len(suffix)] if suffix and base.endswith(suffix) else _stem(base)
+            key = (
+                base[: -len(suffix)] if suffix and base.endswith(suffix) else micrograph_stem(base)
+            )
             files[key] = match
         return cls(files=files, suffixes=suffixes)
 
@@ -173,7 +150,7 @@ class CoordinateSource:
             return None, table
         if "*" in self.files:
             return self.files["*"], None
-        stem = _stem(path)
+        stem = micrograph_stem(path)
         if "" in self.files:
             folder = self.files[""]
             without_ext = os.path.splitext(name)[0]

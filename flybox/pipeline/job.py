@@ -10,24 +10,21 @@ step in the daemon. A job that fails leaves nothing under a final name.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from flybox.errors import ProcessingError
-from flybox.io.atomic import publish, temp_path_for
+from flybox.io.atomic import rename_into_place, temp_path_for
 from flybox.io.coords import read_coordinates
 from flybox.io.fftw_wisdom import FileWisdomStore, default_wisdom_path
 from flybox.io.mrc import StackWriter, read_micrograph
 from flybox.io.star import format_star_block
-from flybox.pipeline.chain import Chain
+from flybox.pipeline.chain import Chain, ChainSpec
 from flybox.pipeline.layout import optics_table, particle_rows, stream_paths
 from flybox.processors.base import Micrograph
 from flybox.processors.coordinates import rescale_coordinates
@@ -58,7 +55,7 @@ class MicrographJob:
     output_dir
         The output folder (``OUT``); stacks go to ``OUT/<StreamFolder>/<stem>.mrcs``.
     chain
-        The chain configuration, ``[{"step": …, **settings}, …]``.
+        The chain, as a complete spec (:attr:`flybox.pipeline.chain.Chain.spec`).
     picks
         The picks, already read (multi-micrograph pick files, re-centred particles); or
         ``None`` to read ``coordinates`` in the worker.
@@ -83,7 +80,7 @@ class MicrographJob:
     micrograph: str
     name: str
     output_dir: str
-    chain: list[dict[str, Any]]
+    chain: ChainSpec
     picks: pd.DataFrame | None = None
     coordinates: str | None = None
     coordinate_format: str | None = None
@@ -137,14 +134,17 @@ class JobResult:
         return max((s.count for s in self.streams.values()), default=0)
 
 
-@lru_cache(maxsize=8)
-def _chain(configuration: str) -> Chain:
-    return Chain.from_config(json.loads(configuration))
+_chains: dict[str, Chain] = {}
 
 
-def chain_for(steps: list[dict[str, Any]]) -> Chain:
-    """The chain for a configuration, built once per process and reused."""
-    return _chain(json.dumps(steps, sort_keys=True))
+def chain_for(spec: ChainSpec) -> Chain:
+    """The chain of a spec, built once per process and reused (steps keep per-shape caches)."""
+    chain = _chains.get(spec.key)
+    if chain is None:
+        if len(_chains) >= 8:
+            _chains.clear()
+        chain = _chains[spec.key] = Chain.from_config(spec)
+    return chain
 
 
 def _load_picks(job: MicrographJob, pixel_size_a: float) -> pd.DataFrame:
@@ -282,9 +282,9 @@ def commit_job(result: JobResult) -> None:
     final name (:func:`flybox.io.atomic.publish`)."""
     for output in result.streams.values():
         if output.stack_temp is not None:
-            publish(output.stack_temp, output.stack_final)
+            rename_into_place(output.stack_temp, output.stack_final)
         if output.star_temp is not None:
-            publish(output.star_temp, output.star_final)
+            rename_into_place(output.star_temp, output.star_final)
 
 
 def discard_job(result: JobResult) -> None:

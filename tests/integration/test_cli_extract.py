@@ -379,7 +379,8 @@ def test_sigma_estimator_and_background_set_are_selectable(
         ["extract", "--micrographs", "m.mrc", "-o", "out", "--sigma", "sample",
          "--background", "inclusive"]
     )  # fmt: skip
-    normalize = next(step for step in extract_chain(args, 64, None) if step["step"] == "normalize")
+    spec = extract_chain(args, 64, None)
+    normalize = next(step.settings for step in spec.steps if step.step == "normalize")
     assert (normalize["sigma"], normalize["background"]) == ("sample", "inclusive")
     mics_with_picks(tmp_path / "in", count=1)
     outputs = {}

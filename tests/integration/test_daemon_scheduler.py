@@ -12,6 +12,7 @@ import pytest
 from flybox.daemon.work.executor import LocalExecutor, WorkerLostError
 from flybox.errors import MrcFormatError
 from flybox.io.mrc import write_micrograph
+from flybox.pipeline.chain import ChainSpec
 from flybox.pipeline.job import MicrographJob
 from flybox.sim.microscope import synthetic_micrograph
 
@@ -26,7 +27,7 @@ def _job(tmp_path: Path, name: str = "m", particles: int = 5) -> MicrographJob:
         micrograph=str(path),
         name=str(path),
         output_dir=str(tmp_path / "out"),
-        chain=CHAIN,
+        chain=ChainSpec.of(CHAIN),
         picks=mic.picks,
     )
 

@@ -64,7 +64,7 @@ def test_radius_check_happens_when_the_chain_is_built() -> None:
         Chain.from_config([{"step": "extract", "box": 64}, {"step": "normalize", "bg_radius": 40}])
 
 
-def test_streams_and_settings_hash() -> None:
+def test_streams_and_settings_description() -> None:
     steps = [
         {"step": "extract", "box": 128},
         {"step": "fourier_crop", "outputs": {"particles": 96, "particles_small": 32}},
@@ -75,9 +75,9 @@ def test_streams_and_settings_hash() -> None:
     assert chain.extraction_box == 128
     assert not chain.requires_ctf
     same = Chain.from_config([dict(s) for s in steps])
-    assert same.settings_hash == chain.settings_hash
+    assert same.describe() == chain.describe()
     other = Chain.from_config([*steps[:2], {"step": "normalize", "method": "background"}])
-    assert other.settings_hash != chain.settings_hash
+    assert other.describe() != chain.describe()
     assert Chain.from_config([{"step": "extract", "box": 64}]).streams == {"particles": 64}
     assert Chain.from_config([{"step": "extract", "box": 64}, {"step": "phase_flip"}]).requires_ctf
 

@@ -14,6 +14,7 @@ from flybox.daemon.work.commit import Committer, remove_temporaries, rows_bytes
 from flybox.daemon.work.journal import Journal, UnitRecord
 from flybox.io.mrc import read_header, write_micrograph
 from flybox.io.star import read_relion_star
+from flybox.pipeline.chain import ChainSpec
 from flybox.pipeline.job import JobResult, MicrographJob, run_job
 from flybox.sim.microscope import synthetic_micrograph
 from flybox.types import OpticsGroup
@@ -63,7 +64,7 @@ class Session:
             micrograph=str(path),
             name=str(path),
             output_dir=str(self.output),
-            chain=CHAIN,
+            chain=ChainSpec.of(CHAIN),
             picks=table,
             optics=GROUP,
             pixel_size_a=pixel_size_a,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flybox.io.atomic import atomic_write, fsync_directory, publish, temp_path_for
+from flybox.io.atomic import atomic_write, fsync_directory, rename_into_place, temp_path_for
 
 
 def test_temp_path_is_hidden_tmp_in_same_folder(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def test_publish_renames_temp_onto_final(tmp_path: Path) -> None:
     temp = temp_path_for(final)
     temp.write_bytes(b"data")
     final.write_bytes(b"old")
-    publish(temp, final)
+    rename_into_place(temp, final)
     assert final.read_bytes() == b"data"
     assert not temp.exists()
 

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from flybox.errors import CtfFormatError
-from flybox.io.ctf import match_ctf, read_cs_ctf_per_row, read_ctf, read_micrographs_star
+from flybox.io.ctf import read_cs_ctf_per_row, read_ctf, read_micrographs_star
 from flybox.io.star import read_star, write_star
+from flybox.pipeline.matching import match_name
 from flybox.types import CtfParams
 
 CTFFIND = "ASPIRE-Python/gallery/tutorials/data/ctffind4/diagnostic_output.txt"
@@ -233,7 +234,7 @@ def _ctf(defocus: float) -> CtfParams:
     return CtfParams(defocus, defocus, 0.0)
 
 
-def test_match_ctf_exact_then_name_then_stem() -> None:
+def test_ctf_matching_exact_then_name_then_stem() -> None:
     ctfs = {
         "MotionCorr/job002/Movies/a.mrc": _ctf(1),
         "b.mrc": _ctf(2),
@@ -243,11 +244,11 @@ def test_match_ctf_exact_then_name_then_stem() -> None:
         "e.mrc": _ctf(6),
         "e.tif": _ctf(7),
     }
-    assert match_ctf(ctfs, "MotionCorr/job002/Movies/a.mrc") == _ctf(1)
-    assert match_ctf(ctfs, "/data/krios/a.mrc") == _ctf(1)
-    assert match_ctf(ctfs, "Micrographs/b.mrc") == _ctf(2)
-    assert match_ctf(ctfs, "Micrographs/c.mrc") == _ctf(3)
-    assert match_ctf(ctfs, "z/d.mrc") is None  # ambiguous file name
-    assert match_ctf(ctfs, "x/d.mrc") == _ctf(4)  # exact wins over ambiguity
-    assert match_ctf(ctfs, "e.mrcs") is None  # ambiguous stem
-    assert match_ctf(ctfs, "nothing.mrc") is None
+    assert match_name(ctfs, "MotionCorr/job002/Movies/a.mrc") == _ctf(1)
+    assert match_name(ctfs, "/data/krios/a.mrc") == _ctf(1)
+    assert match_name(ctfs, "Micrographs/b.mrc") == _ctf(2)
+    assert match_name(ctfs, "Micrographs/c.mrc") == _ctf(3)
+    assert match_name(ctfs, "z/d.mrc") is None  # ambiguous file name
+    assert match_name(ctfs, "x/d.mrc") == _ctf(4)  # exact wins over ambiguity
+    assert match_name(ctfs, "e.mrcs") is None  # ambiguous stem
+    assert match_name(ctfs, "nothing.mrc") is None

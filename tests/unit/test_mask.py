@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from flybox.errors import ConfigError
+from flybox.errors import ConfigError, config_errors
 from flybox.processors.base import ParticleStack
 from flybox.processors.mask import (
     MaskCache,
@@ -20,7 +20,6 @@ from flybox.processors.mask import (
     MaskStepSettings,
     apply_mask,
     build_mask,
-    config_error,
     is_binary_mask,
     mask_2d,
     mask_3d,
@@ -287,7 +286,7 @@ def test_bad_settings_are_refused_with_a_one_line_message(
 ) -> None:
     with pytest.raises(ValidationError) as info:
         MaskSettings.model_validate(values)
-    error = config_error(info.value, prefix="--")
+    error = config_errors(info.value, option_style=True)[0]
     assert isinstance(error, ConfigError)
     assert "\n" not in str(error)
     assert error.key.startswith("--")

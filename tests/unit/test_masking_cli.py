@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 import flybox.batch.mask
-from flybox.cli.mask import Masker, add_arguments, mask_stack_file, mask_volumes, run
+from flybox.batch.mask import Masker, mask_stack_file, mask_volumes
+from flybox.cli.mask import add_arguments, run
 from flybox.io.mrc import read_header, read_stack, read_volume, relion_float16, write_stack
 from flybox.io.mrc import write_volume as write_map
 from flybox.io.star import read_star, write_star

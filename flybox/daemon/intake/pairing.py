@@ -4,7 +4,7 @@ Inputs are matched by the micrograph's *stem* (file name without extension): a c
 ``<stem><suffix>`` (the configured ``coordinate_suffix``, else the first of
 :data:`flybox.pipeline.inputs.DEFAULT_COORD_SUFFIXES` that the name ends with) belongs to micrograph
 ``<stem>.mrc`` wherever each lives. CTF entries are matched like ``flybox extract`` does
-(:func:`flybox.io.ctf.match_ctf`): the exact path, else the unique file name, else the unique
+(:mod:`flybox.pipeline.matching`): the exact path, else the unique file name, else the unique
 stem.
 
 :class:`Pairing` is pure bookkeeping (no I/O, no clock of its own): the service tells it what
@@ -22,6 +22,7 @@ from typing import Literal
 import pandas as pd
 
 from flybox.pipeline.inputs import DEFAULT_COORD_SUFFIXES
+from flybox.pipeline.matching import NameIndex, micrograph_stem
 from flybox.types import CtfParams
 
 __all__ = [
@@ -31,16 +32,9 @@ __all__ = [
     "Missing",
     "Pair",
     "Pairing",
-    "micrograph_stem",
 ]
 
 Missing = Literal["coordinates", "ctf"]
-
-
-def micrograph_stem(path: str) -> str:
-    """A micrograph's stem: its file name without the last extension."""
-    base = os.path.basename(path)
-    return base.rsplit(".", 1)[0] if "." in base else base
 
 
 class DuplicateStemError(ValueError):
@@ -107,9 +101,7 @@ class Pairing:
         self._suffixes = sorted(suffixes, key=len, reverse=True)
         self._entries: dict[str, _Entry] = {}
         self._ctf_sources: dict[str, dict[str, CtfParams]] = {}
-        self._ctf_exact: dict[str, CtfParams] = {}
-        self._ctf_by_name: dict[str, list[CtfParams]] = {}
-        self._ctf_by_stem: dict[str, list[CtfParams]] = {}
+        self._ctf: NameIndex[CtfParams] = NameIndex({})
 
     # ----------------------------------------------------------------------------- names
     def coordinates_stem(self, path: str) -> str:
@@ -185,29 +177,17 @@ class Pairing:
         return {stem for stem, old in before.items() if self.ctf_for(stem) != old}
 
     def _index_ctfs(self) -> None:
-        self._ctf_exact, self._ctf_by_name, self._ctf_by_stem = {}, {}, {}
+        merged: dict[str, CtfParams] = {}
         for ctfs in self._ctf_sources.values():
-            for name, ctf in ctfs.items():
-                self._ctf_exact[name] = ctf
-                self._ctf_by_name.setdefault(os.path.basename(name), []).append(ctf)
-                self._ctf_by_stem.setdefault(micrograph_stem(name), []).append(ctf)
+            merged.update(ctfs)
+        self._ctf = NameIndex(merged)
 
     def ctf_for(self, stem: str) -> CtfParams | None:
         """The CTF of a stem's micrograph (``None``: unknown, or ambiguous)."""
         entry = self._entries.get(stem)
         if entry is None or entry.micrograph is None:
             return None
-        path = entry.micrograph.path
-        found = self._ctf_exact.get(path)
-        if found is not None:
-            return found
-        by_name = self._ctf_by_name.get(os.path.basename(path), [])
-        if len(by_name) == 1:
-            return by_name[0]
-        if by_name:
-            return None
-        by_stem = self._ctf_by_stem.get(stem, [])
-        return by_stem[0] if len(by_stem) == 1 else None
+        return self._ctf.lookup(entry.micrograph.path)
 
     # ----------------------------------------------------------------------------- queries
     def _with_micrograph(self) -> Iterable[str]:

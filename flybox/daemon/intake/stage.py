@@ -35,7 +35,6 @@ from flybox.daemon.intake.pairing import (
     DuplicateStemError,
     MicrographInput,
     Pairing,
-    micrograph_stem,
 )
 from flybox.daemon.intake.reading import (
     FileChangedError,
@@ -50,6 +49,7 @@ from flybox.daemon.intake.reading import (
 from flybox.daemon.intake.watch import Watcher, WatchUpdate
 from flybox.daemon.telemetry.events import MissingCoordinatesEvent, QuarantineEvent
 from flybox.daemon.work.journal import UnitRecord
+from flybox.pipeline.matching import micrograph_stem
 
 if TYPE_CHECKING:
     from flybox.daemon.service import Service

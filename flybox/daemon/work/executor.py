@@ -21,15 +21,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as futures
 import logging
-import multiprocessing
-import os
-import signal
-import threading
-import time
 from types import TracebackType
 from typing import Protocol
 
 from flybox.pipeline.job import JobResult, MicrographJob, run_job
+from flybox.pipeline.workers import ready_worker, worker_pool
 
 __all__ = ["Executor", "LocalExecutor", "WorkerLostError"]
 
@@ -59,45 +55,6 @@ class Executor(Protocol):
         ...
 
 
-def _start_time(pid: int) -> str | None:
-    """A process's start time (``/proc/PID/stat`` field 22), ``None`` when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def _watch_service(pid: int, started: str | None) -> None:
-    """Worker thread: end the worker when the service process is gone."""
-    while True:
-        time.sleep(0.5)
-        if _start_time(pid) != started:  # gone (or its pid reused)
-            os._exit(1)
-
-
-def _worker_init(service_pid: int) -> None:
-    """Runs first in every worker process.
-
-    Ignores SIGINT (draining is the service's decision) and makes the worker end with the
-    service: fork-server workers are the fork server's children and hold its pipes, so
-    neither the kernel nor multiprocessing would end them when the service is killed. A thread
-    checks every 0.5 s that the service process (pid + start time) still exists.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    started = _start_time(service_pid)
-    if started is None:  # the service died while this worker was starting
-        os._exit(1)
-    threading.Thread(
-        target=_watch_service, args=(service_pid, started), name="flybox-orphan", daemon=True
-    ).start()
-
-
-def _ready() -> int:
-    """A no-op job that makes the pool start a worker."""
-    return os.getpid()
-
-
 class LocalExecutor:
     """A pool of worker processes on this machine; an async context manager.
 
@@ -118,16 +75,7 @@ class LocalExecutor:
         return self._workers
 
     def _new_pool(self) -> futures.ProcessPoolExecutor:
-        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(variable, "1")
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["flybox.pipeline.preload"])
-        return futures.ProcessPoolExecutor(
-            max_workers=self._workers,
-            mp_context=context,
-            initializer=_worker_init,
-            initargs=(os.getpid(),),
-        )
+        return worker_pool(self._workers, fork=False)
 
     async def start(self) -> None:
         """Start the workers now (the fork server imports the processing modules once), so
@@ -135,7 +83,7 @@ class LocalExecutor:
         self._pool = self._new_pool()
         loop = asyncio.get_running_loop()
         await asyncio.gather(
-            *(loop.run_in_executor(self._pool, _ready) for _ in range(self._workers))
+            *(loop.run_in_executor(self._pool, ready_worker) for _ in range(self._workers))
         )
 
     async def __aenter__(self) -> LocalExecutor:

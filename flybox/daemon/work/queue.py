@@ -136,7 +136,7 @@ class UnitRunner:
             micrograph=pair.micrograph.path,
             name=pair.micrograph.path,
             output_dir=str(self.service.output_dir),
-            chain=config.chain,
+            chain=self.service.chain.spec,
             picks=pair.coordinates.picks,
             coordinates=pair.coordinates.path if pair.coordinates.picks is None else None,
             ctf=pair.ctf,
@@ -148,16 +148,7 @@ class UnitRunner:
         )
 
     def _optics(self, pair: Pair) -> OpticsGroup:
-        pixel = self.service.config.micrograph.pixel_size
-        ctf = pair.ctf
-        if ctf is None:
-            return OpticsGroup(micrograph_pixel_size_a=pixel)
-        return OpticsGroup(
-            micrograph_pixel_size_a=pixel,
-            voltage_kv=ctf.voltage_kv,
-            cs_mm=ctf.cs_mm,
-            amplitude_contrast=ctf.amplitude_contrast,
-        )
+        return OpticsGroup.from_ctf(pair.ctf, self.service.config.micrograph.pixel_size)
 
     async def _run(self, entry: StemState, unit: UnitRecord, pair: Pair) -> None:
         service = self.service

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flybox.errors import IncompleteFileError
-from flybox.io.atomic import atomic_write, publish, temp_path_for
+from flybox.io.atomic import atomic_write, rename_into_place, temp_path_for
 from flybox.io.mrc.header import HEADER_BYTES, HEADER_DTYPE, new_header, set_stats
 from flybox.io.mrc.read import MrcInfo, PathLike, read_header
 from flybox.types import ImageStats
@@ -277,7 +277,7 @@ def write_stack(
     with StackWriter(temp, data.shape[1], pixel_size_a, float16=float16) as writer:
         writer.append(data)
     try:
-        publish(temp, path)
+        rename_into_place(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -18,7 +18,6 @@ from flybox.processors.mask.step import (
     MaskStep,
     MaskStepSettings,
     apply_mask,
-    config_error,
     fill_rule,
     is_binary_mask,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "ShapeName",
     "apply_mask",
     "build_mask",
-    "config_error",
     "fill_rule",
     "is_binary_mask",
     "mask_2d",

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import ValidationError, field_validator
+from pydantic import field_validator
 
 from flybox.errors import ConfigError
 from flybox.processors.base import ParticleProcessor, ParticleStack, StepSettings, scaled_radius
@@ -32,7 +32,6 @@ __all__ = [
     "MaskStep",
     "MaskStepSettings",
     "apply_mask",
-    "config_error",
     "fill_rule",
     "is_binary_mask",
 ]
@@ -177,23 +176,6 @@ def _fill_values(
     else:
         values = np.full(block.shape[0], fill_value, dtype=np.float32)
     return values
-
-
-def config_error(exc: ValidationError, prefix: str = "") -> ConfigError:
-    """The first error of a settings validation as a one-line :class:`ConfigError`.
-
-    Parameters
-    ----------
-    exc
-        pydantic's error.
-    prefix
-        Put before the field name in the key (e.g. ``"--"`` for command-line options).
-    """
-    first = exc.errors()[0]
-    loc = ".".join(str(part) for part in first["loc"] if not isinstance(part, int))
-    message = str(first["msg"]).removeprefix("Value error, ")
-    key = prefix + loc.replace("_", "-") if prefix and loc else loc
-    return ConfigError(key, message)
 
 
 class MaskStepSettings(MaskSettings):
