@@ -248,6 +248,9 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     _add_simulate(sub)
     _add_demo(sub)
     _add_status(sub)
+    from flybox.pick import command as pick_command
+
+    pick_command.add_parser(sub)
     return parser
 
 
@@ -282,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_demo(args)
         if args.command == "status":
             return _run_status(args)
+        if args.command == "pick":
+            from flybox.pick import command as pick_command
+
+            return pick_command.run(args)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
