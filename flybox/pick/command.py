@@ -8,12 +8,14 @@ or Xmipp ``.pos``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import ipaddress
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    _StoppableServer = _stoppable_server_class()
     from flybox.pick.app import create_pick_app
     from flybox.pick.session import PickSession
     from flybox.pick.store import PickStore
@@ -178,9 +181,36 @@ def _serve(args: argparse.Namespace) -> int:
     )
     print(f"picker at {url}", flush=True)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])  # handles SIGINT/SIGTERM: stops accepting, finishes, returns
+    _StoppableServer(config).run(sockets=[sock])
+    log.info("picker stopped; session saved in %s", store.folder)
     return 0
+
+
+def _stoppable_server_class() -> Any:
+    import signal
+
+    import uvicorn
+
+    class StoppableServer(uvicorn.Server):
+        """uvicorn's server, but SIGINT/SIGTERM end it cleanly (exit 0) instead of being
+        raised again after the graceful shutdown, as uvicorn does."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            stops = (signal.SIGINT, signal.SIGTERM)
+            previous = {number: signal.signal(number, self._stop) for number in stops}
+            try:
+                yield
+            finally:
+                for number, handler in previous.items():
+                    signal.signal(number, handler)
+
+        def _stop(self, number: int, frame: Any) -> None:
+            if self.should_exit and number == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    return StoppableServer
 
 
 def _picks_folder(folder: str, suffix: str | None, names: list[str]) -> dict[str, Any]:

@@ -234,6 +234,7 @@ function fit() {
   const w = canvas.clientWidth, h = canvas.clientHeight;
   const scale = Math.min(w / state.image.width, h / state.image.height);
   state.view = { scale, x: (w - state.image.width * scale) / 2, y: (h - state.image.height * scale) / 2 };
+  state.fitted = true;
   draw();
 }
 
@@ -325,6 +326,7 @@ canvas.addEventListener("pointermove", (event) => {
   if (!drag.moved && Math.hypot(sx - drag.startX, sy - drag.startY) < 4) return;
   drag.moved = true;
   if (drag.panning) {
+    state.fitted = false;
     state.view.x = drag.view.x + sx - drag.startX;
     state.view.y = drag.view.y + sy - drag.startY;
   } else if (!state.readOnly && !state.conflict) {
@@ -369,6 +371,7 @@ canvas.addEventListener("wheel", (event) => {
 
 function zoom(factor, cx = canvas.clientWidth / 2, cy = canvas.clientHeight / 2) {
   const v = state.view;
+  state.fitted = false;
   const scale = Math.max(0.05, Math.min(16, v.scale * factor));
   v.x = cx - ((cx - v.x) * scale) / v.scale;
   v.y = cy - ((cy - v.y) * scale) / v.scale;
@@ -489,7 +492,9 @@ function bindControls() {
       renderSummary(); draw();
     } catch (error) { say(`Particle size not saved: ${error.message}`, "error"); }
   };
-  window.addEventListener("resize", draw);
+  // Keep the micrograph fitted while the layout settles (messages, wrapping toolbar), until
+  // the user zooms or pans.
+  new ResizeObserver(() => (state.fitted ? fit() : draw())).observe(canvas);
 }
 
 async function start() {
