@@ -283,7 +283,8 @@ class _Bases:
         )
         columns = []
         for a, b in BANDS:
-            band = ((r >= a) & (r < b)).ravel()
+            # The centre pixel has no angle: leaving it in would break rotation invariance.
+            band = ((r >= a) & (r < b) & (r > 0)).ravel()
             count = max(int(band.sum()), 1)
             for k in HARMONICS:
                 columns.append(band * np.exp(-1j * k * theta.ravel()) / math.sqrt(count))
