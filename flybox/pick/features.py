@@ -50,8 +50,8 @@ def binning_for(particle_size: float) -> int:
 def bin_image(image: npt.NDArray[Any], factor: int) -> Float32Array:
     """Mean over ``factor × factor`` blocks (the trailing partial block is dropped)."""
     data = np.asarray(image)
-    if factor == 1:
-        return np.ascontiguousarray(data, dtype=np.float32)
+    if factor == 1:  # a copy: the input may be a read-only memory map
+        return np.array(data, dtype=np.float32, copy=True)
     ny, nx = (data.shape[0] // factor) * factor, (data.shape[1] // factor) * factor
     blocks = data[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor)
     if blocks.dtype != np.float32:
