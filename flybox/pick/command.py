@@ -170,6 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         sock.close()
         raise ConfigError("--listen", f"cannot listen on {args.listen}: {exc.strerror}") from exc
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"http://{shown}:{bound}/" + (f"?token={token}" if token else "")
