@@ -46,6 +46,9 @@ COMMANDS: dict[str, Command] = {
         "flybox.cli.demo", "a simulated microscope and the service on temporary folders"
     ),
     "status": Command("flybox.cli.status", "show the status of a running service"),
+    "pick": Command(
+        "flybox.cli.pick", "pick particles: a web picker with manual and supervised modes"
+    ),
 }
 
 
