@@ -7,11 +7,14 @@ data are read in place from ../shared (never copied into the repository).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,10 +85,25 @@ def _restore_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
+def _checked_for_leaked_tasks(test: Callable[..., Awaitable[None]]) -> Callable[..., Any]:
+    from tests.helpers.tasks import no_tasks_left
+
+    @functools.wraps(test)
+    async def checked(*args: Any, **kwargs: Any) -> None:
+        await test(*args, **kwargs)
+        await no_tasks_left()
+
+    return checked
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Everything under ``tests/integration/`` (real services, subprocesses, browsers) is
-    ``slow``: the fast loop is ``pytest -m "not slow"``."""
+    ``slow``: the fast loop is ``pytest -m "not slow"``. Every async test fails when it leaves a
+    task running (an owner that did not cancel and await what it started)."""
     integration = REPO / "tests" / "integration"
     for item in items:
         if integration in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.slow)
+        test = getattr(item, "obj", None)
+        if inspect.iscoroutinefunction(test) and not hasattr(test, "hypothesis"):
+            item.obj = _checked_for_leaked_tasks(test)  # type: ignore[attr-defined]
