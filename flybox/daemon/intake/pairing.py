@@ -21,12 +21,12 @@ from typing import Literal
 
 import pandas as pd
 
+from flybox.errors import DuplicateStemError
 from flybox.pipeline.inputs import DEFAULT_COORD_SUFFIXES
 from flybox.types import CtfParams
 
 __all__ = [
     "CoordinatesInput",
-    "DuplicateStemError",
     "MicrographInput",
     "Missing",
     "Pair",
@@ -41,15 +41,6 @@ def micrograph_stem(path: str) -> str:
     """A micrograph's stem: its file name without the last extension."""
     base = os.path.basename(path)
     return base.rsplit(".", 1)[0] if "." in base else base
-
-
-class DuplicateStemError(ValueError):
-    """Two different micrograph files share a stem: their outputs would collide."""
-
-    def __init__(self, path: str, other: str) -> None:
-        self.path = path
-        self.other = other
-        super().__init__(f"same file name as {other}: outputs would collide")
 
 
 @dataclass(frozen=True)
