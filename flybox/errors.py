@@ -8,12 +8,20 @@ Exceptions are grouped by how the caller recovers::
     │   ├── MrcFormatError           unreadable MRC header/data, unsupported mode
     │   ├── StarFormatError          unparsable STAR file or missing columns
     │   ├── CoordinateFormatError    unreadable or malformed particle coordinates
-    │   └── CtfFormatError           unreadable CTF parameters
+    │   ├── CtfFormatError           unreadable CTF parameters
+    │   ├── TextParseError           a settled text input (picks, CTF table) does not parse
+    │   │                            (``code`` says which; wait for a rewrite, then quarantine)
+    │   └── DuplicateStemError       a second micrograph file with a stem already taken
+    │                                (their outputs would collide)
     ├── ConfigError                  bad configuration: refuse to start, name the key path
     │   └── PluginError              a processor plugin that fails to load or validate
     ├── ProcessingError              valid inputs that the requested processing cannot use
     │                                (box larger than the micrograph, CTF missing for a flip)
-    └── TransientIOError             a passing file-system problem: retry later
+    └── TransientError               a passing problem: retry (a bounded number of times)
+        ├── TransientIOError         a passing file-system problem (full disk, NFS hiccup);
+        │   │                        an ``OSError`` becomes one where it is caught
+        │   └── FileChangedError     a file changed while it was read: look again later
+        └── WorkerLostError          the process running a job died (killed, out of memory)
 
 Every exception carries what it is about (``path``, ``key`` or ``plugin``) as an attribute,
 and ``str(exc)`` is the one line a user sees, naming that thing first.
@@ -28,6 +36,8 @@ __all__ = [
     "ConfigError",
     "CoordinateFormatError",
     "CtfFormatError",
+    "DuplicateStemError",
+    "FileChangedError",
     "FlyboxError",
     "IncompleteFileError",
     "InputError",
@@ -35,7 +45,10 @@ __all__ = [
     "PluginError",
     "ProcessingError",
     "StarFormatError",
+    "TextParseError",
+    "TransientError",
     "TransientIOError",
+    "WorkerLostError",
     "config_errors",
 ]
 
@@ -83,6 +96,46 @@ class CoordinateFormatError(InputError):
 
 class CtfFormatError(InputError):
     """The CTF parameters cannot be read."""
+
+
+class TextParseError(InputError):
+    """A settled text input (coordinates, CTF table) does not parse.
+
+    Parameters
+    ----------
+    path
+        The text file.
+    problem
+        What is wrong with it (the quarantine reason if it stays so).
+    code
+        The machine-readable quarantine code (``bad_coordinates``, ``bad_ctf``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, code: str) -> None:
+        self.code = code
+        super().__init__(path, problem)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.problem, self.code))
+
+
+class DuplicateStemError(InputError):
+    """Two different micrograph files share a stem: their outputs would collide.
+
+    Parameters
+    ----------
+    path
+        The micrograph that came second (it is quarantined).
+    other
+        The micrograph that already has the stem.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], other: str | os.PathLike[str]) -> None:
+        self.other = os.fspath(other)
+        super().__init__(path, f"same file name as {self.other}: outputs would collide")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.other))
 
 
 class ConfigError(FlyboxError):
@@ -136,8 +189,20 @@ class ProcessingError(FlyboxError):
         return (type(self), (self.path, self.problem))
 
 
-class TransientIOError(FlyboxError):
-    """A passing file-system problem (NFS hiccup, full disk); the operation is retried."""
+class TransientError(FlyboxError):
+    """A passing problem: the operation is tried again (a bounded number of times)."""
+
+
+class TransientIOError(TransientError):
+    """A passing file-system problem (NFS hiccup, full disk); the operation is retried.
+
+    Parameters
+    ----------
+    path
+        The file or folder concerned (or what was being processed when it happened).
+    problem
+        What went wrong.
+    """
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
         self.path = os.fspath(path)
@@ -146,6 +211,39 @@ class TransientIOError(FlyboxError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.problem))
+
+    @classmethod
+    def from_os_error(cls, error: OSError, path: str | os.PathLike[str]) -> TransientIOError:
+        """The tree's form of an ``OSError`` caught at a boundary: about ``error.filename``
+        when it has one (else ``path``); ``problem`` keeps the error's type and text."""
+        filename = error.filename if isinstance(error.filename, str) else None
+        return cls(filename or path, f"{type(error).__name__}: {error}")
+
+
+class FileChangedError(TransientIOError):
+    """A file changed while it was read; look at it again later."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], problem: str = "changed while it was read"
+    ) -> None:
+        super().__init__(path, problem)
+
+
+class WorkerLostError(TransientError):
+    """The process running a job died (killed, out of memory, crashed in native code).
+
+    Parameters
+    ----------
+    problem
+        What is known about it (the one line a user sees).
+    """
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(problem)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problem,))
 
 
 def config_errors(exc: Any, prefix: str = "", *, option_style: bool = False) -> list[ConfigError]:

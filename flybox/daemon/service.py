@@ -2,17 +2,27 @@
 
 ::
 
-    async with Service(config) as service:   # journal, workers, publishing, watcher, loops
+    async with Service(config) as service:   # journal, workers, telemetry, intake, work
         await service.wait()                 # until stop() (SIGTERM/SIGINT)
                                              # leaving: drain, hand back, "stopped"
 
-Inside, everything runs on one event loop; blocking work goes to threads (scans, probes,
-hashing, parsing: the default thread pool; journal and commits: one journal thread, which
-serialises them) and processing to the executor's worker processes. Files flow:
-watcher → :class:`~flybox.daemon.intake.complete.Completeness` (tick loop) → intake (fingerprint or
-parse, quarantine) → :class:`~flybox.daemon.intake.pairing.Pairing` → journal unit (resolved by
-key) →
-ready queue → :mod:`flybox.daemon.work.queue` (submit, commit, events).
+The service composes the stages and owns their lifetimes; the stages never see it. Files
+flow in data-flow order, each stage talking to the next through an explicit seam::
+
+    Intake (watcher → completeness → pairing → journal unit)   flybox.daemon.intake.stage
+        │ enqueue(stem): the ReadyQueue
+        ▼
+    UnitRunner (submit → executor → commit)                     flybox.daemon.work.queue
+        │ on_quarantine(path, kind, reason, code), release_picks(stem): back to intake
+        ▼
+    EventBus.emit(event) → Telemetry (MQTT, metrics, HTTP)      flybox.daemon.telemetry
+
+What both stages share is explicit and small (:mod:`flybox.daemon.state`): the stems and
+status counts (:class:`~flybox.daemon.state.SessionState`) and the journal with its thread
+(:class:`~flybox.daemon.state.JournalThread`). Everything runs on one event loop; blocking
+work goes to threads (scans, probes, hashing, parsing: the default thread pool; journal and
+commits: the journal thread, which serialises them) and processing to the executor's worker
+processes.
 
 A restart continues where the journal says: units left ``running`` are queued again, the
 cumulative STAR files are cut back to their committed length, temporary files are removed,
@@ -25,31 +35,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
 
 from flybox.config import FlyboxConfig, load_config
-from flybox.daemon.intake.pairing import Pair
-from flybox.daemon.intake.reading import settings_description, settings_hash
 from flybox.daemon.intake.stage import Intake
-from flybox.daemon.intake.watch import Watcher, compile_pattern
+from flybox.daemon.intake.watch import compile_pattern
+from flybox.daemon.state import JournalThread, SessionState
 from flybox.daemon.systemd import Notifier
 from flybox.daemon.telemetry.events import EventBus, ServiceState, StatusEvent
 from flybox.daemon.telemetry.progress import Phase, Progress
 from flybox.daemon.work.commit import Committer
 from flybox.daemon.work.executor import Executor, LocalExecutor
-from flybox.daemon.work.journal import Journal, UnitRecord
-from flybox.daemon.work.queue import UnitRunner
+from flybox.daemon.work.journal import Journal
+from flybox.daemon.work.queue import ReadyQueue, UnitRunner
+from flybox.daemon.work.units import settings_description, settings_hash
 from flybox.errors import ConfigError
 from flybox.pipeline.inputs import DEFAULT_COORD_SUFFIXES
 
@@ -57,25 +62,11 @@ __all__ = ["Service", "check_settings", "run"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 #: A status event at least this often (and after commits, at most once per second).
 STATUS_SECONDS = 5.0
 #: Failure codes whose units a restart queues again (the cause may be gone: a full disk,
 #: a crash, a fixed bug); ``processing`` failures are deterministic and stay failed.
 RETRIED_AT_START = ("worker_crash", "io_error", "internal")
-
-
-@dataclass
-class StemState:
-    """The service's view of one micrograph (stem)."""
-
-    stem: str
-    unit: UnitRecord | None = None
-    pair: Pair | None = None
-    micrograph_at: float = 0.0
-    touched_at: float = 0.0
-    ready_at: float = 0.0
 
 
 def check_settings(journal: Journal, digest: str, description: str, output: Path) -> None:
@@ -125,8 +116,8 @@ class Service:
         ``[executor] workers``).
     notifier
         systemd notifications (default: from ``NOTIFY_SOCKET``).
-    publishing
-        Whether to start MQTT/metrics/HTTP publishing.
+    telemetry
+        Whether to start the MQTT/metrics/HTTP telemetry.
 
     Raises
     ------
@@ -140,7 +131,7 @@ class Service:
         *,
         executor: Executor | None = None,
         notifier: Notifier | None = None,
-        publishing: bool = True,
+        telemetry: bool = True,
     ) -> None:
         if config.session is None:
             raise ConfigError("session", "flybox run needs a [session] table (name, output)")
@@ -165,55 +156,44 @@ class Service:
         self.settings = settings_description(config, self.chain)
         self.settings_hash = settings_hash(self.settings)
         self.progress = Progress(self.session, self.chain.streams, config.executor.workers)
-        self.patterns = [compile_pattern("micrograph", p) for p in self.watch.micrographs]
-        self.patterns += [compile_pattern("coordinates", p) for p in _coordinate_patterns(config)]
+        self.shared = SessionState(self.progress)
+        patterns = [compile_pattern("micrograph", p) for p in self.watch.micrographs]
+        patterns += [compile_pattern("coordinates", p) for p in _coordinate_patterns(config)]
         if self.watch.ctf is not None:
-            self.patterns.append(compile_pattern("ctf", self.watch.ctf))
-        self.stems: dict[str, StemState] = {}
-        self.intake = Intake(self)
+            patterns.append(compile_pattern("ctf", self.watch.ctf))
+        self.patterns = patterns
+        self.journal = JournalThread(self.output_dir / ".flybox" / "journal.sqlite")
+        self._ready = ReadyQueue()
+        self.intake = Intake(
+            self.watch,
+            patterns,
+            session=self.session,
+            output_dir=self.output_dir,
+            settings_hash=self.settings_hash,
+            state=self.shared,
+            journal=self.journal,
+            events=self.bus,
+            enqueue=self._ready.put,
+        )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
-        self._status_dirty = False
         self._executor = executor
-        self._publishing = publishing
-        self._journal_thread: ThreadPoolExecutor | None = None
+        self._telemetry = telemetry
         self._stack: contextlib.AsyncExitStack | None = None
-        self.task_group: asyncio.TaskGroup | None = None
-        self._loops: list[asyncio.Task[None]] = []
-        self.journal: Journal | None = None
-        self.runner: UnitRunner | None = None
+        self._committer: Committer | None = None
+        self._runner: UnitRunner | None = None
+        self._loops: dict[str, asyncio.Task[None]] = {}
 
     # ----------------------------------------------------------------------------- helpers
-    async def journal_call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``function(*args, **kwargs)`` on the journal thread (journal and commits, in
-        order)."""
-        assert self._journal_thread is not None
-        loop = asyncio.get_running_loop()
-        call = functools.partial(function, *args, **kwargs)
-        return await loop.run_in_executor(self._journal_thread, call)
-
     def status_snapshot(self) -> StatusEvent:
         """The current :class:`~flybox.daemon.telemetry.events.StatusEvent`."""
         return self.progress.snapshot(self.state)
 
-    def publish_status(self) -> None:
-        """Publish the status now (and show it to systemd)."""
-        self._status_dirty = False
-        self.bus.publish(self.status_snapshot())
+    def emit_status(self) -> None:
+        """Emit the status now (and show it to systemd)."""
+        self.shared.status_dirty = False
+        self.bus.emit(self.status_snapshot())
         self.notifier.status(f"{self.state}: {self.progress.line()}")
-
-    def mark_dirty(self) -> None:
-        """Something changed: publish a status within a second."""
-        self._status_dirty = True
-
-    def set_phase(self, stem: str, phase: Phase | None) -> None:
-        """Move a stem to a phase (status counts)."""
-        self.progress.set_phase(stem, phase)
-        self.mark_dirty()
-
-    def stem(self, stem: str) -> StemState:
-        """The state of a stem (created on first use)."""
-        return self.stems.setdefault(stem, StemState(stem))
 
     def stop(self) -> None:
         """Stop taking work and drain (a second call: stop without waiting for workers)."""
@@ -234,54 +214,50 @@ class Service:
     async def __aenter__(self) -> Service:
         started = time.monotonic()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        stack = contextlib.AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            self._journal_thread = ThreadPoolExecutor(1, thread_name_prefix="flybox-journal")
-            stack.callback(self._journal_thread.shutdown, wait=True)
-            self.journal = await self.journal_call(
-                Journal, self.output_dir / ".flybox" / "journal.sqlite"
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.journal)
+            committer = self._committer = Committer(
+                self.output_dir, self.journal.journal, list(self.chain.streams)
             )
-            stack.callback(self.journal.close)
-            await self._recover(self.journal)
+            await self._recover(committer)
             if self._executor is None:
                 self._executor = await stack.enter_async_context(
                     LocalExecutor(self.config.executor.workers)
                 )
-            self.runner = UnitRunner(self, self._executor)
-            if self._publishing:
-                from flybox.daemon.telemetry.fanout import Publishing
+            if self._telemetry:
+                from flybox.daemon.telemetry.fanout import Telemetry
 
                 await stack.enter_async_context(
-                    Publishing(self.config, self.bus, self.status_snapshot)
+                    Telemetry(self.config, self.bus, self.status_snapshot)
                 )
-            self.bus.publish(self.status_snapshot())
-            poll = min(max(self.watch.settle_seconds, 0.25), 2.0)
-            watcher = await stack.enter_async_context(
-                Watcher(
-                    self.patterns,
-                    mode=self.watch.mode,
-                    rescan_seconds=self.watch.rescan_seconds,
-                    poll_seconds=poll,
+            self.bus.emit(self.status_snapshot())
+            await stack.enter_async_context(self.intake)
+            self._runner = await stack.enter_async_context(
+                UnitRunner(
+                    self._executor,
+                    committer,
+                    self._ready,
+                    config=self.config,
+                    session=self.session,
+                    output_dir=self.output_dir,
+                    state=self.shared,
+                    journal=self.journal,
+                    events=self.bus,
+                    on_quarantine=self.intake.quarantine,
+                    release_picks=self.intake.release_picks,
                 )
             )
-            tasks = self.task_group = await stack.enter_async_context(asyncio.TaskGroup())
-            self._loops = [
-                tasks.create_task(self.intake.intake_loop(watcher), name="service-intake"),
-                tasks.create_task(self.intake.tick_loop(), name="service-tick"),
-                tasks.create_task(self.runner.schedule_loop(), name="service-schedule"),
-                tasks.create_task(self._status_loop(), name="service-status"),
-            ]
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._loops = {
+                "service-status": tasks.create_task(self._status_loop(), name="service-status")
+            }
             if self.notifier.watchdog_seconds:
-                self._loops.append(
-                    tasks.create_task(self._watchdog_loop(), name="service-watchdog")
+                self._loops["service-watchdog"] = tasks.create_task(
+                    self._watchdog_loop(), name="service-watchdog"
                 )
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
+            self._stack = stack.pop_all()
         self.state = "running"
-        self.publish_status()
+        self.emit_status()
         self.notifier.ready(f"running: {self.progress.line()}")
         log.info(
             "%s: running (%s mode, %d workers, output %s; started in %.1f s)",
@@ -293,36 +269,36 @@ class Service:
         )
         return self
 
-    async def _recover(self, journal: Journal) -> None:
-        await self.journal_call(
+    async def _recover(self, committer: Committer) -> None:
+        journal = self.journal
+        await journal.call(
             check_settings,
-            journal,
+            journal.journal,
             self.settings_hash,
             json.dumps(self.settings, sort_keys=True),
             self.output_dir,
         )
-        requeued = await self.journal_call(journal.recover)
+        requeued = await journal.call(journal.journal.recover)
         if requeued:
             log.info("%s: %d interrupted micrographs queued again", self.session, requeued)
-        retried = await self.journal_call(journal.retry_failed, RETRIED_AT_START)
+        retried = await journal.call(journal.journal.retry_failed, RETRIED_AT_START)
         if retried:
             log.info(
                 "%s: %d failed micrographs (worker crash, I/O or internal error) queued again",
                 self.session,
                 retried,
             )
-        self.committer = Committer(self.output_dir, journal, list(self.chain.streams))
-        await self.journal_call(self.committer.recover)
-        for stream, record in self.committer.files.items():
+        await journal.call(committer.recover)
+        for stream, record in committer.files.items():
             self.progress.particles[stream] = record.particles
         phases: dict[str, Phase] = {
             "done": "done",
             "failed": "failed",
             "quarantined": "quarantined",
         }
-        for stem, state in (await self.journal_call(journal.stem_states)).items():
+        for stem, state in (await journal.call(journal.journal.stem_states)).items():
             if state in phases:
-                self.set_phase(stem, phases[state])
+                self.shared.set_phase(stem, phases[state])
 
     async def __aexit__(
         self,
@@ -335,24 +311,23 @@ class Service:
             return
         try:
             self.state = "draining"
-            self.publish_status()
+            self.emit_status()
             self.notifier.stopping(f"draining: {self.progress.line()}")
-            for task in self._loops[:3]:
-                task.cancel()
-            assert self.runner is not None
+            await self.intake.close()  # no new work: the watcher and intake loops end
+            assert self._runner is not None
+            assert self._committer is not None
             timeout = 0.0 if self._force.is_set() else self.config.executor.drain_seconds
-            await self.runner.drain(timeout, self._force)
+            await self._runner.drain(timeout, self._force)
             if self._executor is not None:
                 await self._executor.close(cancel=True)
-            assert self.journal is not None
-            await self.journal_call(self.journal.recover)
-            await self.journal_call(self.committer.recover)
+            await self.journal.call(self.journal.journal.recover)
+            await self.journal.call(self._committer.recover)
             self.state = "stopped"
-            self.publish_status()
+            self.emit_status()
             log.info("%s: stopped (%s)", self.session, self.progress.line())
-            for task in self._loops:
-                task.cancel()
         finally:
+            for task in self._loops.values():
+                task.cancel()
             await stack.aclose()
             self.bus.close()
 
@@ -361,9 +336,9 @@ class Service:
         last = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
-            if self._status_dirty or time.monotonic() - last >= STATUS_SECONDS:
+            if self.shared.status_dirty or time.monotonic() - last >= STATUS_SECONDS:
                 last = time.monotonic()
-                self.publish_status()
+                self.emit_status()
 
     async def _watchdog_loop(self) -> None:
         assert self.notifier.watchdog_seconds is not None

@@ -250,19 +250,6 @@ def stop_process(process: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> N
             stream.close()
 
 
-async def no_tasks_left(timeout: float = 2.0) -> None:
-    """Assert that no task but the current one is left (letting cancelled ones finish)."""
-    current = asyncio.current_task()
-    deadline = time.monotonic() + timeout
-    while True:
-        others = [task for task in asyncio.all_tasks() if task is not current]
-        if not others:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"leaked tasks: {others}")
-        await asyncio.sleep(0.02)
-
-
 def mqtt_settings(broker: Mosquitto, **extra: Any) -> dict[str, Any]:
     """The ``[mqtt]`` section for a client of ``broker`` (credentials and TLS filled in)."""
     settings: dict[str, Any] = {"host": "127.0.0.1", "port": broker.port}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flybox.daemon.work.executor import LocalExecutor, WorkerLostError
-from flybox.errors import MrcFormatError
+from flybox.daemon.work.executor import LocalExecutor
+from flybox.errors import MrcFormatError, WorkerLostError
 from flybox.io.mrc import write_micrograph
 from flybox.pipeline.chain import ChainSpec
 from flybox.pipeline.job import MicrographJob

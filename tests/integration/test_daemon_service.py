@@ -110,7 +110,7 @@ def _ctf(root: Path, stems: list[str]) -> None:
 
 
 def _service(config: Any) -> Service:
-    return Service(config, executor=ThreadExecutor(), notifier=Notifier({}), publishing=False)
+    return Service(config, executor=ThreadExecutor(), notifier=Notifier({}), telemetry=False)
 
 
 async def _collect(service: Service, until: Any, timeout: float = 30.0) -> list[Event]:
@@ -214,9 +214,9 @@ def test_a_chain_that_needs_ctf_needs_a_ctf_source(tmp_path: Path) -> None:
     chain = [{"step": "extract", "box": 64}, {"step": "phase_flip"}]
     needs_ctf = config.model_copy(update={"chain": chain})
     with pytest.raises(ConfigError, match=r"watch\.ctf"):
-        Service(needs_ctf, publishing=False)
+        Service(needs_ctf, telemetry=False)
     with pytest.raises(ConfigError, match=r"^session"):
-        Service(config.model_copy(update={"session": None}), publishing=False)
+        Service(config.model_copy(update={"session": None}), telemetry=False)
 
 
 async def test_a_rewritten_micrograph_is_processed_again_as_a_new_version(tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ async def test_a_micrograph_failed_by_io_errors_is_retried_then_done_after_a_res
     caplog.set_level(logging.INFO, logger="flybox")
     config = _config(tmp_path, ctf=False)
     picks = _write(tmp_path, "m1", seed=1)
-    failing = Service(config, executor=FullDiskExecutor(), notifier=Notifier({}), publishing=False)
+    failing = Service(config, executor=FullDiskExecutor(), notifier=Notifier({}), telemetry=False)
     async with failing:
         events = await _collect(failing, lambda e: _count(e, FailureEvent) == 1)
     failure = next(e for e in events if isinstance(e, FailureEvent))

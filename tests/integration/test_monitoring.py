@@ -36,7 +36,7 @@ from flybox.daemon.telemetry.events import (
     StatusEvent,
     event_json_schema,
 )
-from flybox.daemon.telemetry.fanout import Publishing
+from flybox.daemon.telemetry.fanout import Telemetry
 from flybox.daemon.telemetry.metrics import SessionMetrics, metric_names
 from flybox.daemon.telemetry.status import StatusReport
 from tests.conftest import REPO, require_binary
@@ -177,9 +177,9 @@ async def test_a_real_prometheus_scrapes_the_service(tmp_path: Path) -> None:
     )
     bus = EventBus()
     status = StatusEvent(session=S, state="running", counts=Counts(done=7))
-    async with Publishing(config, bus, lambda: status):
+    async with Telemetry(config, bus, lambda: status):
         for index in range(7):
-            bus.publish(
+            bus.emit(
                 MicrographEvent(
                     session=S,
                     name=f"m{index}",

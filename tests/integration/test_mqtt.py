@@ -21,7 +21,7 @@ from flybox.daemon.telemetry.events import (
     StatusEvent,
     parse_event,
 )
-from flybox.daemon.telemetry.fanout import Publishing
+from flybox.daemon.telemetry.fanout import Telemetry
 from flybox.daemon.telemetry.mqtt import MqttPublisher, event_topic
 from tests.helpers.mqtt_broker import (
     Mosquitto,
@@ -96,9 +96,9 @@ async def test_status_is_retained_and_each_micrograph_is_one_event_in_order(
     status = _Status()
     async with broker.client() as subscriber:
         await subscriber.subscribe(f"{PREFIX}/#", qos=1)
-        async with Publishing(config, bus, status):
+        async with Telemetry(config, bus, status):
             for index in range(30):
-                bus.publish(_micrograph(index))
+                bus.emit(_micrograph(index))
             received = await collect(
                 subscriber,
                 lambda got: sum("/micrographs/" in r.topic for r in got) >= 30,
@@ -138,9 +138,9 @@ async def test_other_events_go_to_the_events_topic_and_validate(
     ]
     async with anonymous_broker.client() as subscriber:
         await subscriber.subscribe("site/scope1/events", qos=1)
-        async with Publishing(config, bus, _Status()):
+        async with Telemetry(config, bus, _Status()):
             for event in sent:
-                bus.publish(event)
+                bus.emit(event)
             received = await collect(subscriber, lambda got: len(got) >= len(sent))
     assert [parse_event(r.payload) for r in received] == sent
     await no_tasks_left()
@@ -172,9 +172,9 @@ async def test_events_wait_for_a_broker_that_is_down_and_the_oldest_are_dropped_
             await subscriber.subscribe(f"{PREFIX}/micrographs/#", qos=1)
     config = _config(tmp_path, mqtt_settings(broker, outbox_limit=5, reconnect_max_seconds=0.5))
     bus = EventBus()
-    async with Publishing(config, bus, _Status()) as publishing:
+    async with Telemetry(config, bus, _Status()) as publishing:
         for index in range(12):
-            bus.publish(_micrograph(index))
+            bus.emit(_micrograph(index))
         await asyncio.sleep(0.3)
         assert publishing.mqtt is not None
         assert not publishing.mqtt.connected
@@ -200,9 +200,9 @@ async def test_a_broker_that_refuses_the_password_neither_blocks_nor_leaks_the_s
         settings = mqtt_settings(broker, password="wrong-password-XYZ", flush_seconds=0.5)
         config = _config(tmp_path, settings)
         bus = EventBus()
-        async with Publishing(config, bus, _Status()) as publishing:
+        async with Telemetry(config, bus, _Status()) as publishing:
             for index in range(3):
-                bus.publish(_micrograph(index))
+                bus.emit(_micrograph(index))
             await asyncio.sleep(1.5)
             assert publishing.mqtt is not None
             assert not publishing.mqtt.connected
@@ -223,8 +223,8 @@ async def test_received_payloads_are_what_was_published(
     event = _micrograph(7)
     async with anonymous_broker.client() as subscriber:
         await subscriber.subscribe(f"{PREFIX}/micrographs/#", qos=1)
-        async with Publishing(config, bus, _Status()):
-            bus.publish(event)
+        async with Telemetry(config, bus, _Status()):
+            bus.emit(event)
             (message,) = await collect(subscriber, lambda got: len(got) >= 1)
     assert isinstance(message, Received)
     assert parse_event(message.payload) == event

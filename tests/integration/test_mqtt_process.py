@@ -1,4 +1,4 @@
-"""Publishing in a separate process (``tests/helpers/publishing_standin.py``: ``Publishing`` fed
+"""Telemetry in a separate process (``tests/helpers/telemetry_standin.py``: ``Telemetry`` fed
 by a synthetic event source) with real mosquitto brokers: the last-will after SIGKILL, the retained
 ``stopped`` status after a clean stop, and a short broker outage mid-stream.
 
@@ -44,7 +44,7 @@ def _write_config(tmp_path: Path, broker: Mosquitto, **mqtt: Any) -> Path:
 
 def _start_service(config: Path, *args: str, log: IO[bytes]) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.publishing_standin", str(config), *args],
+        [sys.executable, "-m", "tests.helpers.telemetry_standin", str(config), *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=log,

@@ -65,6 +65,6 @@ def test_sandboxing_exposure_is_at_most_two(tmp_path: Path) -> None:
 
 def test_example_service_configuration_is_valid_for_flybox_run() -> None:
     config = load_config(REPO / "systemd" / "krios1.toml")
-    service = Service(config, publishing=False)  # validates what flybox run needs; starts nothing
+    service = Service(config, telemetry=False)  # validates what flybox run needs; starts nothing
     assert service.session == "krios1-2026-11-21"
     assert service.watch.ctf is not None

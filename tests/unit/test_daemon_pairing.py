@@ -9,11 +9,11 @@ import pytest
 
 from flybox.daemon.intake.pairing import (
     CoordinatesInput,
-    DuplicateStemError,
     MicrographInput,
     Pairing,
     micrograph_stem,
 )
+from flybox.errors import DuplicateStemError
 from flybox.types import CtfParams
 
 PICKS = pd.DataFrame({"rlnCoordinateX": [10.0], "rlnCoordinateY": [20.0]})

@@ -21,9 +21,10 @@ from flybox.daemon.telemetry.events import (
     Quality,
     StatusEvent,
 )
-from flybox.daemon.telemetry.fanout import Publishing
+from flybox.daemon.telemetry.fanout import Telemetry
 from flybox.daemon.telemetry.status import StatusReport
-from tests.helpers.mqtt_broker import free_port, no_tasks_left
+from tests.helpers.mqtt_broker import free_port
+from tests.helpers.tasks import no_tasks_left
 
 S = "http-test"
 
@@ -82,10 +83,10 @@ async def test_metrics_scraped_over_http_match_the_events(tmp_path: Path) -> Non
         )
         for index in range(5)
     ]
-    async with Publishing(config, bus, _status) as publishing:
+    async with Telemetry(config, bus, _status) as publishing:
         for event in events:
-            bus.publish(event)
-        bus.publish(FailureEvent(session=S, path="/d/bad.mrc", reason="worker died"))
+            bus.emit(event)
+        bus.emit(FailureEvent(session=S, path="/d/bad.mrc", reason="worker died"))
         await asyncio.sleep(0.05)
         status, headers, body = await _get(publishing.http.port, "/metrics")
     assert status == 200
@@ -105,8 +106,8 @@ async def test_metrics_scraped_over_http_match_the_events(tmp_path: Path) -> Non
 async def test_api_status_reports_the_session(tmp_path: Path) -> None:
     config = _config(tmp_path)
     bus = EventBus()
-    async with Publishing(config, bus, _status) as publishing:
-        bus.publish(
+    async with Telemetry(config, bus, _status) as publishing:
+        bus.emit(
             MicrographEvent(
                 session=S,
                 name="m7",
@@ -116,7 +117,7 @@ async def test_api_status_reports_the_session(tmp_path: Path) -> None:
                 latency_seconds=1.5,
             )
         )
-        bus.publish(FailureEvent(session=S, path="/d/bad.mrc", reason="worker died"))
+        bus.emit(FailureEvent(session=S, path="/d/bad.mrc", reason="worker died"))
         await asyncio.sleep(0.05)
         status, headers, body = await _get(publishing.http.port, "/api/status")
     assert status == 200
@@ -132,7 +133,7 @@ async def test_api_status_reports_the_session(tmp_path: Path) -> None:
 
 
 async def test_health_head_unknown_paths_and_methods(tmp_path: Path) -> None:
-    async with Publishing(_config(tmp_path), EventBus(), _status) as publishing:
+    async with Telemetry(_config(tmp_path), EventBus(), _status) as publishing:
         port = publishing.http.port
         assert (await _get(port, "/healthz"))[::2] == (200, b"ok\n")
         status, headers, body = await _get(port, "/metrics", method="HEAD")
@@ -157,7 +158,7 @@ async def test_a_non_loopback_listener_requires_the_bearer_token_for_the_api(
 ) -> None:
     config = _config(tmp_path, host="0.0.0.0", token="t0ken-value")
     assert not config.http.is_loopback
-    async with Publishing(config, EventBus(), _status) as publishing:
+    async with Telemetry(config, EventBus(), _status) as publishing:
         port = publishing.http.port
         status, headers, body = await _get(port, "/api/status")
         assert status == 401
@@ -177,7 +178,7 @@ async def test_a_non_loopback_listener_without_a_token_refuses_the_api(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = _config(tmp_path, host="0.0.0.0")
-    async with Publishing(config, EventBus(), _status) as publishing:
+    async with Telemetry(config, EventBus(), _status) as publishing:
         status, _, body = await _get(publishing.http.port, "/api/status")
     assert status == 403
     assert "set [http] token" in json.loads(body)["error"]
@@ -187,14 +188,14 @@ async def test_a_non_loopback_listener_without_a_token_refuses_the_api(
 
 async def test_a_configured_token_is_required_on_loopback_too(tmp_path: Path) -> None:
     config = _config(tmp_path, token="abc")
-    async with Publishing(config, EventBus(), _status) as publishing:
+    async with Telemetry(config, EventBus(), _status) as publishing:
         assert (await _get(publishing.http.port, "/api/status"))[0] == 401
         assert (await _get(publishing.http.port, "/api/status", token="abc"))[0] == 200
     await no_tasks_left()
 
 
 async def test_open_connections_do_not_keep_the_server_alive(tmp_path: Path) -> None:
-    async with Publishing(_config(tmp_path), EventBus(), _status) as publishing:
+    async with Telemetry(_config(tmp_path), EventBus(), _status) as publishing:
         _, idle = await asyncio.open_connection("127.0.0.1", publishing.http.port)
         await asyncio.sleep(0.05)
     idle.close()

@@ -1,4 +1,4 @@
-"""The Publishing lifetime: never blocks or raises into the service, drains, leaks nothing."""
+"""The Telemetry lifetime: never blocks or raises into the service, drains, leaks nothing."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 
 from flybox.config import FlyboxConfig, parse_config
 from flybox.daemon.telemetry.events import EventBus, MicrographEvent, StatusEvent
-from flybox.daemon.telemetry.fanout import Publishing
+from flybox.daemon.telemetry.fanout import Telemetry
 from flybox.errors import ConfigError
-from tests.helpers.mqtt_broker import Mosquitto, collect, free_port, mqtt_settings, no_tasks_left
+from tests.helpers.mqtt_broker import Mosquitto, collect, free_port, mqtt_settings
+from tests.helpers.tasks import no_tasks_left
 
 S = "publish-test"
 
@@ -51,9 +52,9 @@ async def test_a_missing_broker_neither_blocks_nor_raises(
     config = _config(tmp_path, mqtt={"port": free_port(), "flush_seconds": 1.0})
     bus = EventBus()
     started = time.monotonic()
-    async with Publishing(config, bus, _running) as publishing:
+    async with Telemetry(config, bus, _running) as publishing:
         for index in range(2000):  # synchronous: queued, never waiting on the broker
-            bus.publish(_mic(index))
+            bus.emit(_mic(index))
         await asyncio.sleep(0.5)
         done = publishing.registry.get_sample_value("flybox_micrographs_total", {"result": "done"})
         assert done == 2000
@@ -67,9 +68,9 @@ async def test_a_missing_broker_neither_blocks_nor_raises(
 
 async def test_events_published_just_before_leaving_are_all_counted(tmp_path: Path) -> None:
     bus = EventBus()
-    async with Publishing(_config(tmp_path), bus, _running) as publishing:
+    async with Telemetry(_config(tmp_path), bus, _running) as publishing:
         for index in range(500):
-            bus.publish(_mic(index))
+            bus.emit(_mic(index))
     value = publishing.registry.get_sample_value("flybox_micrographs_total", {"result": "done"})
     assert value == 500
     await no_tasks_left()
@@ -82,8 +83,8 @@ async def test_a_failing_status_callback_does_not_break_publishing(
         raise RuntimeError("journal locked")
 
     bus = EventBus()
-    async with Publishing(_config(tmp_path), bus, broken) as publishing:
-        bus.publish(StatusEvent(session=S, state="draining"))
+    async with Telemetry(_config(tmp_path), bus, broken) as publishing:
+        bus.emit(StatusEvent(session=S, state="draining"))
         await asyncio.sleep(0.05)
         assert publishing.registry.get_sample_value("flybox_state", {"state": "draining"}) == 1
         assert publishing.report().state == "draining"
@@ -95,7 +96,7 @@ async def test_an_exception_in_the_service_passes_through_after_cleanup(tmp_path
     bus = EventBus()
     config = _config(tmp_path)
     with pytest.raises(KeyError, match="boom"):
-        async with Publishing(config, bus, _running):
+        async with Telemetry(config, bus, _running):
             raise KeyError("boom")
     await no_tasks_left()
     with pytest.raises(ConnectionRefusedError):  # the listener is gone
@@ -108,7 +109,7 @@ async def test_a_busy_http_port_is_refused_at_start_without_leaks(tmp_path: Path
         busy.bind(("127.0.0.1", config.http.port))
         busy.listen()
         with pytest.raises(ConfigError, match=r"^http\.listen: cannot listen on .*in use"):
-            async with Publishing(config, EventBus(), _running):
+            async with Telemetry(config, EventBus(), _running):
                 pass
     await no_tasks_left()
 
@@ -117,8 +118,8 @@ async def test_leaving_publishes_a_final_stopped_status(tmp_path: Path) -> None:
     with Mosquitto(tmp_path / "broker") as broker:
         config = _config(tmp_path, mqtt=mqtt_settings(broker))
         bus = EventBus()
-        async with Publishing(config, bus, _running):
-            bus.publish(_mic(1))
+        async with Telemetry(config, bus, _running):
+            bus.emit(_mic(1))
         async with broker.client() as subscriber:
             await subscriber.subscribe(f"flybox/{S}/status", qos=1)
             (retained,) = await collect(subscriber, lambda got: len(got) >= 1)
@@ -134,7 +135,7 @@ async def test_logging_names_no_secret(tmp_path: Path, caplog: pytest.LogCapture
         mqtt={"port": free_port(), "username": "u", "password": "pw-SECRET-1", "flush_seconds": 0},
         http={"listen": f"0.0.0.0:{free_port()}", "token": "tok-SECRET-2"},
     )
-    async with Publishing(config, EventBus(), _running):
+    async with Telemetry(config, EventBus(), _running):
         await asyncio.sleep(0.2)
     assert "SECRET" not in caplog.text
     assert "SECRET" not in str(config.model_dump())

@@ -15,10 +15,11 @@ from flybox.daemon.telemetry.events import (
     Quality,
     StatusEvent,
 )
-from flybox.daemon.telemetry.fanout import Publishing
+from flybox.daemon.telemetry.fanout import Telemetry
 from flybox.daemon.telemetry.quality import QualityRules, figure_value
 from flybox.errors import ConfigError
-from tests.helpers.mqtt_broker import free_port, no_tasks_left
+from tests.helpers.mqtt_broker import free_port
+from tests.helpers.tasks import no_tasks_left
 
 S = "quality-test"
 
@@ -135,19 +136,19 @@ async def test_alerts_go_onto_the_bus_and_set_the_metric(tmp_path: Path) -> None
 
         async with asyncio.TaskGroup() as group:
             group.create_task(watch())
-            async with Publishing(
+            async with Telemetry(
                 config, bus, lambda: StatusEvent(session=S, state="running")
             ) as publishing:
                 value = publishing.registry.get_sample_value
                 assert value("flybox_alert_active", {"rule": "few-particles"}) == 0
                 for _ in range(20):
-                    bus.publish(_mic(30))
+                    bus.emit(_mic(30))
                 await asyncio.sleep(0.05)
                 assert value("flybox_alert_active", {"rule": "few-particles"}) == 1
                 report = publishing.report()
                 assert [alert.rule for alert in report.alerts] == ["few-particles"]
                 for _ in range(6):
-                    bus.publish(_mic(300))
+                    bus.emit(_mic(300))
                 await asyncio.sleep(0.05)
                 assert value("flybox_alert_active", {"rule": "few-particles"}) == 0
                 assert value("flybox_alerts_total", {"rule": "few-particles"}) == 1

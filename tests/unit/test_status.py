@@ -26,9 +26,10 @@ from flybox.daemon.telemetry.events import (
     Rates,
     StatusEvent,
 )
-from flybox.daemon.telemetry.fanout import Publishing
+from flybox.daemon.telemetry.fanout import Telemetry
 from flybox.daemon.telemetry.status import MqttSummary, StatusAggregator, render_status
-from tests.helpers.mqtt_broker import free_port, no_tasks_left
+from tests.helpers.mqtt_broker import free_port
+from tests.helpers.tasks import no_tasks_left
 
 S = "status-test"
 
@@ -135,8 +136,8 @@ async def test_flybox_status_prints_the_running_service(
     )
     bus = EventBus()
     url = f"http://127.0.0.1:{port}"
-    async with Publishing(config, bus, _status):
-        bus.publish(_mic(3))
+    async with Telemetry(config, bus, _status):
+        bus.emit(_mic(3))
         await asyncio.sleep(0.05)
         code = await asyncio.to_thread(main, ["status", "--url", url, "--token", "tok"])
         assert code == 0

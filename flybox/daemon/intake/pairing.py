@@ -21,13 +21,13 @@ from typing import Literal
 
 import pandas as pd
 
+from flybox.errors import DuplicateStemError
 from flybox.pipeline.inputs import DEFAULT_COORD_SUFFIXES
 from flybox.pipeline.matching import NameIndex, micrograph_stem
 from flybox.types import CtfParams
 
 __all__ = [
     "CoordinatesInput",
-    "DuplicateStemError",
     "MicrographInput",
     "Missing",
     "Pair",
@@ -35,15 +35,6 @@ __all__ = [
 ]
 
 Missing = Literal["coordinates", "ctf"]
-
-
-class DuplicateStemError(ValueError):
-    """Two different micrograph files share a stem: their outputs would collide."""
-
-    def __init__(self, path: str, other: str) -> None:
-        self.path = path
-        self.other = other
-        super().__init__(f"same file name as {other}: outputs would collide")
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,15 @@ The watcher reports files; each undecided file is looked at on every tick (every
 A complete micrograph is fingerprinted (its content hash, cached in the journal by stat
 signature), a settled text file parsed; bad inputs are quarantined (a record under
 ``OUTPUT/quarantine/``, an event, a log line, once per version of the file). Accepted inputs
-go
-to :class:`~flybox.daemon.intake.pairing.Pairing`; every stem whose inputs are all there gets
-its unit
-from the journal by key (:func:`~flybox.daemon.intake.reading.unit_key`): the existing one (done:
-nothing to do; queued: run it), or a new version that supersedes unfinished older ones.
+go to :class:`~flybox.daemon.intake.pairing.Pairing`; every stem whose inputs are all there
+gets its unit from the journal by key (:func:`~flybox.daemon.work.units.unit_key`): the
+existing one (done: nothing to do; queued: hand it forward), or a new version that supersedes
+unfinished older ones.
+
+Seams: intake hands a stem whose unit is queued forward through the ``enqueue`` callback it is
+given (the work stage's ready queue), and shares only :class:`~flybox.daemon.state.SessionState`
+and the :class:`~flybox.daemon.state.JournalThread`; the work stage calls back
+:meth:`Intake.quarantine` (bad input found by a worker) and :meth:`Intake.release_picks`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
 
+from flybox.config import WatchConfig
 from flybox.daemon.intake.complete import (
     Completeness,
     Decision,
@@ -32,27 +39,17 @@ from flybox.daemon.intake.complete import (
 )
 from flybox.daemon.intake.pairing import (
     CoordinatesInput,
-    DuplicateStemError,
     MicrographInput,
     Pairing,
 )
-from flybox.daemon.intake.reading import (
-    FileChangedError,
-    TextParseError,
-    clear_quarantine,
-    fingerprint_file,
-    read_ctf_table,
-    read_picks,
-    unit_key,
-    write_quarantine,
-)
-from flybox.daemon.intake.watch import Watcher, WatchUpdate
-from flybox.daemon.telemetry.events import MissingCoordinatesEvent, QuarantineEvent
-from flybox.daemon.work.journal import UnitRecord
+from flybox.daemon.intake.quarantine import clear_quarantine, write_quarantine
+from flybox.daemon.intake.reading import fingerprint_file, read_ctf_table, read_picks
+from flybox.daemon.intake.watch import Watcher, WatchPattern, WatchUpdate
+from flybox.daemon.state import JournalThread, SessionState
+from flybox.daemon.telemetry.events import EventBus, MissingCoordinatesEvent, QuarantineEvent
+from flybox.daemon.work.units import UnitRequest, resolve_units, unit_key
+from flybox.errors import DuplicateStemError, FileChangedError, TextParseError
 from flybox.pipeline.matching import micrograph_stem
-
-if TYPE_CHECKING:
-    from flybox.daemon.service import Service
 
 __all__ = ["Intake"]
 
@@ -64,17 +61,54 @@ def _probe_all(items: list[tuple[str, InputKind]]) -> list[Probe]:
 
 
 class Intake:
-    """The service's input side (module docstring); runs on the event loop.
+    """The service's input side (module docstring); an async context manager that owns the
+    watcher and two loops (``intake-follow-watcher``, ``intake-tick``) on the event loop.
 
     Parameters
     ----------
-    service
-        The service (journal, progress, stems, runner, bus).
+    watch
+        The ``[watch]`` settings.
+    patterns
+        What to watch (micrographs, coordinates, CTF).
+    session
+        The session name (in events).
+    output_dir
+        The output folder (quarantine records go to its ``quarantine/``).
+    settings_hash
+        The hash of the processing settings (part of every unit key).
+    state
+        The stems and status counts shared with the work stage.
+    journal
+        The journal and its thread.
+    events
+        Where quarantine and missing-input events go.
+    enqueue
+        Called with a stem whose unit is queued: the seam to the work stage.
     """
 
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        watch = service.watch
+    def __init__(
+        self,
+        watch: WatchConfig,
+        patterns: Sequence[WatchPattern],
+        *,
+        session: str,
+        output_dir: Path,
+        settings_hash: str,
+        state: SessionState,
+        journal: JournalThread,
+        events: EventBus,
+        enqueue: Callable[[str], None],
+    ) -> None:
+        self.watch = watch
+        self.patterns = list(patterns)
+        self.session = session
+        self.output_dir = output_dir
+        self.settings_hash = settings_hash
+        self._state = state
+        self._progress = state.progress
+        self._journal = journal
+        self._events = events
+        self._enqueue = enqueue
         self.completeness = Completeness(watch.settle_seconds, watch.incomplete_timeout_seconds)
         self.pairing = Pairing(
             needs_ctf=watch.ctf is not None, coordinate_suffix=watch.coordinate_suffix
@@ -82,8 +116,53 @@ class Intake:
         self.files: dict[str, FileState] = {}
         self._to_probe: set[str] = set()
         self._probe_wake = asyncio.Event()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._loops: dict[str, asyncio.Task[None]] = {}
 
-    async def intake_loop(self, watcher: Watcher) -> None:
+    async def __aenter__(self) -> Intake:
+        poll = min(max(self.watch.settle_seconds, 0.25), 2.0)
+        async with contextlib.AsyncExitStack() as stack:
+            watcher = await stack.enter_async_context(
+                Watcher(
+                    self.patterns,
+                    mode=self.watch.mode,
+                    rescan_seconds=self.watch.rescan_seconds,
+                    poll_seconds=poll,
+                )
+            )
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._loops = {
+                name: tasks.create_task(loop, name=name)
+                for name, loop in (
+                    ("intake-follow-watcher", self._follow(watcher)),
+                    ("intake-tick", self._tick_loop()),
+                )
+            }
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop taking in files: cancel both loops, stop the watcher (idempotent)."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        for task in self._loops.values():
+            task.cancel()
+        await stack.aclose()
+
+    def release_picks(self, stem: str) -> None:
+        """The stem's unit is settled: keep none of its picks in memory."""
+        self.pairing.release_picks(stem)
+
+    async def _follow(self, watcher: Watcher) -> None:
         """Follow the watcher's updates (runs until cancelled)."""
         while True:
             self.observe(await watcher.next_update())
@@ -110,11 +189,11 @@ class Intake:
         self.files[path] = FileState(path, kind, changed_at=time.monotonic())
         self._to_probe.add(path)
         if kind == "micrograph":
-            self.service.progress.seen += 1
+            self._progress.seen += 1
 
-    async def tick_loop(self) -> None:
+    async def _tick_loop(self) -> None:
         """Look at files that are not decided yet, and report overdue pairs (until cancelled)."""
-        interval = min(0.25, max(0.05, self.service.watch.settle_seconds / 4))
+        interval = min(0.25, max(0.05, self.watch.settle_seconds / 4))
         overdue_checked = 0.0
         while True:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
@@ -131,12 +210,12 @@ class Intake:
                 self._report_overdue(now)
 
     def _report_overdue(self, now: float) -> None:
-        late = self.pairing.overdue(now, self.service.watch.pairing_timeout_seconds)
+        late = self.pairing.overdue(now, self.watch.pairing_timeout_seconds)
         for item, missing, waited in late:
             log.warning("%s: no %s after %.0f s; still waiting", item.path, missing, waited)
-            self.service.bus.publish(
+            self._events.emit(
                 MissingCoordinatesEvent(
-                    session=self.service.session,
+                    session=self.session,
                     path=item.path,
                     waited_seconds=waited,
                     missing=missing,
@@ -171,10 +250,10 @@ class Intake:
     def _forget(self, state: FileState) -> None:
         self.files.pop(state.path, None)
         if state.kind == "micrograph":
-            self.service.progress.seen -= 1
+            self._progress.seen -= 1
             stem = self.pairing.remove_micrograph(state.path)
-            if stem is not None and self.service.progress.phase(stem) in ("waiting", "quarantined"):
-                self.service.set_phase(stem, None)
+            if stem is not None and self._progress.phase(stem) in ("waiting", "quarantined"):
+                self._state.set_phase(stem, None)
         elif state.kind == "coordinates":
             self.pairing.remove_coordinates(state.path)
         else:
@@ -184,21 +263,21 @@ class Intake:
         """Set an input aside: a record under ``OUTPUT/quarantine/``, an event, a log line
         (once per version of the file, also across restarts). The file is not touched; when
         it changes, it is evaluated again."""
-        assert self.service.journal is not None
+        journal = self._journal
         state = self.files.get(path)
         if state is None:
             state = self.files[path] = FileState(path, kind, changed_at=time.monotonic())
         state.decided = Decision(Verdict.QUARANTINE, reason, code)
         self._to_probe.discard(path)
         signature = state.signature.text() if state.signature else ""
-        record = await self.service.journal_call(self.service.journal.input, path)
+        record = await journal.call(journal.journal.input, path)
         announce = not (record and record.state == "quarantined" and record.signature == signature)
         if announce:
             await asyncio.to_thread(
-                write_quarantine, self.service.output_dir, path, kind, reason, code, signature
+                write_quarantine, self.output_dir, path, kind, reason, code, signature
             )
-            await self.service.journal_call(
-                self.service.journal.save_input,
+            await journal.call(
+                journal.journal.save_input,
                 path,
                 kind,
                 signature,
@@ -208,9 +287,9 @@ class Intake:
                 code,
             )
             log.warning("%s: quarantined: %s", path, reason)
-            self.service.bus.publish(
+            self._events.emit(
                 QuarantineEvent(
-                    session=self.service.session, path=path, kind=kind, reason=reason, code=code
+                    session=self.session, path=path, kind=kind, reason=reason, code=code
                 )
             )
         stem: str | None = None
@@ -225,21 +304,21 @@ class Intake:
                 stem = None
         else:
             await self.evaluate(self.pairing.set_ctf_source(path, {}))
-        if stem is not None and self.service.progress.phase(stem) in (None, "waiting"):
-            self.service.set_phase(stem, "quarantined")
+        if stem is not None and self._progress.phase(stem) in (None, "waiting"):
+            self._state.set_phase(stem, "quarantined")
 
     async def _accepted(self, state: FileState, fingerprint: str | None) -> None:
         """Journal an accepted input; remove its quarantine record if it had one."""
-        assert self.service.journal is not None
         assert state.signature is not None
+        journal = self._journal
         signature = state.signature.text()
-        record = await self.service.journal_call(self.service.journal.input, state.path)
+        record = await journal.call(journal.journal.input, state.path)
         if record is not None and record.state == "quarantined":
-            await asyncio.to_thread(clear_quarantine, self.service.output_dir, state.path)
+            await asyncio.to_thread(clear_quarantine, self.output_dir, state.path)
             log.info("%s: rewritten and now complete; out of quarantine", state.path)
         if record is None or (record.signature, record.state) != (signature, "complete"):
-            await self.service.journal_call(
-                self.service.journal.save_input,
+            await journal.call(
+                journal.journal.save_input,
                 state.path,
                 state.kind,
                 signature,
@@ -248,9 +327,9 @@ class Intake:
             )
 
     async def _accept_micrograph(self, state: FileState, now: float) -> None:
-        assert self.service.journal is not None
         assert state.signature is not None
-        record = await self.service.journal_call(self.service.journal.input, state.path)
+        journal = self._journal
+        record = await journal.call(journal.journal.input, state.path)
         if record and record.signature == state.signature.text() and record.fingerprint:
             fingerprint = record.fingerprint
         else:
@@ -268,10 +347,10 @@ class Intake:
         try:
             stem = self.pairing.set_micrograph(MicrographInput(state.path, fingerprint, now))
         except DuplicateStemError as exc:
-            await self.quarantine(state.path, state.kind, str(exc), "duplicate_name")
+            await self.quarantine(state.path, state.kind, exc.problem, "duplicate_name")
             return
-        self.service.progress.arrived()
-        entry = self.service.stem(stem)
+        self._progress.arrived()
+        entry = self._state.stem(stem)
         entry.micrograph_at = entry.touched_at = now
         await self.evaluate({stem})
 
@@ -286,54 +365,34 @@ class Intake:
             self._to_probe.add(state.path)
             return
         except TextParseError as exc:
-            state.parse_failed(exc.reason, exc.code)
+            state.parse_failed(exc.problem, exc.code)
             self._to_probe.add(state.path)
             return
         state.parsed()
         await self._accepted(state, None)
         if state.kind == "coordinates":
             stem = self.pairing.set_coordinates(CoordinatesInput(state.path, digest, picks, now))
-            self.service.stem(stem).touched_at = now
+            self._state.stem(stem).touched_at = now
             await self.evaluate({stem})
         else:
             await self.evaluate(self.pairing.set_ctf_source(state.path, ctfs))
 
     # ----------------------------------------------------------------------------- units
-    def _resolve_units(
-        self, requests: list[tuple[str, str, str, dict[str, Any]]]
-    ) -> list[UnitRecord]:
-        """Journal thread: the unit of each (stem, key): the existing one, or a new version."""
-        assert self.service.journal is not None
-        units = []
-        for stem, micrograph, key, inputs in requests:
-            latest = self.service.journal.latest(stem)
-            if latest is not None and latest.key == key:
-                units.append(latest)
-                continue
-            current = self.service.journal.current(stem)
-            if current is not None and current.key == key:
-                if latest is not None and latest.state in ("queued", "running", "failed"):
-                    self.service.journal.set_state(latest.id, "superseded")
-                units.append(current)
-                continue
-            units.append(self.service.journal.add_unit(stem, micrograph, key, inputs))
-        return units
-
     async def evaluate(self, stems: set[str]) -> None:
         """Stems whose inputs changed: find or create their unit, queue it when needed."""
-        requests = []
+        requests: list[UnitRequest] = []
         for stem in sorted(stems):
             pair = self.pairing.pair(stem)
-            entry = self.service.stem(stem)
+            entry = self._state.stem(stem)
             if pair is None:
-                if self.pairing.missing(stem) and self.service.progress.phase(stem) in (
+                if self.pairing.missing(stem) and self._progress.phase(stem) in (
                     None,
                     "quarantined",
                 ):
-                    self.service.set_phase(stem, "waiting")
+                    self._state.set_phase(stem, "waiting")
                 continue
             key = unit_key(
-                self.service.settings_hash,
+                self.settings_hash,
                 pair.micrograph.fingerprint,
                 pair.coordinates.digest,
                 pair.ctf,
@@ -355,20 +414,20 @@ class Intake:
             requests.append((stem, pair.micrograph.path, key, inputs))
         if not requests:
             return
-        units = await self.service.journal_call(self._resolve_units, requests)
+        journal = self._journal
+        units = await journal.call(resolve_units, journal.journal, requests)
         now = time.monotonic()
-        assert self.service.runner is not None
         for unit in units:
-            entry = self.service.stem(unit.stem)
+            entry = self._state.stem(unit.stem)
             if entry.unit is not None and entry.unit.id == unit.id:
                 continue
             entry.unit = unit
             entry.ready_at = now
             if unit.state == "queued":
-                self.service.set_phase(unit.stem, "queued")
-                self.service.runner.enqueue(unit.stem)
+                self._state.set_phase(unit.stem, "queued")
+                self._enqueue(unit.stem)
                 continue
             entry.pair = None  # nothing to run: keep no picks in memory
             self.pairing.release_picks(unit.stem)
             if unit.state in ("done", "failed", "quarantined"):
-                self.service.set_phase(unit.stem, unit.state)  # type: ignore[arg-type]
+                self._state.set_phase(unit.stem, unit.state)  # type: ignore[arg-type]

@@ -259,7 +259,7 @@ class Watcher:
         self._observer: Any = None
         self._watched: set[str] = set()
         self._ancestors: set[str] = set()
-        self._tasks: asyncio.TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._scanner: asyncio.Task[None] | None = None
         self._handler: _Handler | None = None
 
@@ -276,9 +276,10 @@ class Watcher:
             self._observer = Observer()
             self._observer.daemon = True
             self._observer.start()
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        self._scanner = self._tasks.create_task(self._scan_loop(), name="watch-scan")
+        async with contextlib.AsyncExitStack() as stack:
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._scanner = tasks.create_task(self._scan_loop(), name="watch-scan")
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -287,12 +288,12 @@ class Watcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        tasks, self._tasks = self._tasks, None
+        stack, self._stack = self._stack, None
         try:
-            if tasks is not None:
+            if stack is not None:
                 if self._scanner is not None:
                     self._scanner.cancel()
-                await tasks.__aexit__(None, None, None)
+                await stack.aclose()
         finally:
             if self._observer is not None:
                 observer, self._observer = self._observer, None

@@ -1,11 +1,11 @@
 """Events of a session, and the in-process bus that fans them out (DESIGN.md §2, §8).
 
-The service publishes one event per thing that happens; MQTT, Prometheus metrics, the HTTP
-status and the log are subscribers. Payloads are pydantic models: the same JSON goes to MQTT,
-and ``event_json_schema()`` documents it. Every event carries ``event_id`` (unique, for
-de-duplication by subscribers), ``time`` (ISO 8601, UTC) and ``session``.
+The service emits one event per thing that happens (:meth:`EventBus.emit`); MQTT, Prometheus
+metrics, the HTTP status and the log are subscribers. Payloads are pydantic models: the same
+JSON goes to MQTT, and ``event_json_schema()`` documents it. Every event carries ``event_id``
+(unique, for de-duplication by subscribers), ``time`` (ISO 8601, UTC) and ``session``.
 
-Publishing never blocks: each subscriber has a bounded queue; when a slow subscriber's queue is
+Emitting never blocks: each subscriber has a bounded queue; when a slow subscriber's queue is
 full, its oldest event is dropped and counted (``dropped``), the service goes on.
 """
 
@@ -252,12 +252,12 @@ class Subscription:
 
 
 class EventBus:
-    """Fan-out of events to subscribers, without ever blocking the publisher."""
+    """Fan-out of events to subscribers, without ever blocking the emitter."""
 
     def __init__(self) -> None:
         self._subscriptions: list[Subscription] = []
 
-    def publish(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         """Queue ``event`` for every current subscriber (call from the event loop)."""
         for subscription in self._subscriptions:
             subscription._put(event)

@@ -1,17 +1,18 @@
 """Everything that tells the world how the session goes: MQTT, metrics, HTTP, quality alerts.
 
-The service enters one :class:`Publishing` for its whole lifetime::
+The service enters one :class:`Telemetry` for its whole lifetime::
 
     bus = EventBus()
-    async with Publishing(config, bus, service.status) as publishing:
-        ...  # the service publishes events on the bus
-        bus.publish(StatusEvent(session=..., state="stopped", ...))
+    async with Telemetry(config, bus, service.status_snapshot) as telemetry:
+        ...  # the service emits events on the bus
+        bus.emit(StatusEvent(session=..., state="stopped", ...))
 
-Inside, one task follows the bus and, for each event, updates the Prometheus metrics, the
-``/api/status`` aggregate and the quality-rule windows (whose alerts go back onto the bus),
-and queues the event for MQTT. The MQTT publisher (when ``[mqtt]`` is configured) and the
-HTTP server are async context managers with their own tasks. Nothing here blocks the service
-or raises into it because a broker or a client misbehaves: problems are logged and retried.
+Inside, one task (``telemetry-follow-bus``, in the telemetry's own task group) follows the bus
+and, for each event, updates the Prometheus metrics, the ``/api/status`` aggregate and the
+quality-rule windows (whose alerts go back onto the bus), and queues the event for MQTT. The
+MQTT publisher (when ``[mqtt]`` is configured) and the HTTP server are async context managers
+with their own tasks. Nothing here blocks the service or raises into it because a broker or a
+client misbehaves: problems are logged and retried.
 """
 
 from __future__ import annotations
@@ -44,16 +45,16 @@ from flybox.daemon.telemetry.mqtt import MqttPublisher
 from flybox.daemon.telemetry.quality import QualityRules
 from flybox.daemon.telemetry.status import MqttSummary, StatusAggregator, StatusReport
 
-__all__ = ["Publishing"]
+__all__ = ["Telemetry"]
 
 log = logging.getLogger(__name__)
 
-#: Events the bus may hold for the publishing task before the oldest is dropped; the task
+#: Events the bus may hold for the telemetry task before the oldest is dropped; the task
 #: only does in-memory work per event, so this is reached only if the loop is starved.
 _SUBSCRIPTION_SIZE = 100_000
 
 
-class Publishing:
+class Telemetry:
     """MQTT, Prometheus metrics, the HTTP API and quality rules for one service lifetime.
 
     Parameters
@@ -61,7 +62,7 @@ class Publishing:
     config
         The whole configuration (``[session]``, ``[mqtt]``, ``[http]``, ``[[quality]]``).
     bus
-        The service's event bus; alerts from the quality rules are published on it too.
+        The service's event bus; alerts from the quality rules are emitted on it too.
     status
         Returns the service's current status (read at scrape time, for ``/api/status``,
         and for the retained MQTT status).
@@ -112,6 +113,7 @@ class Publishing:
         self._stack: contextlib.AsyncExitStack | None = None
         self._subscription: Subscription | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
         self._last_status: StatusEvent | None = None
 
     def report(self) -> StatusReport:
@@ -135,21 +137,19 @@ class Publishing:
                 return self._last_status
             return StatusEvent(session=self.session, state="running")
 
-    async def __aenter__(self) -> Publishing:
-        stack = contextlib.AsyncExitStack()
-        await stack.__aenter__()
-        try:
+    async def __aenter__(self) -> Telemetry:
+        async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.http)
             if self.mqtt is not None:
                 await stack.enter_async_context(self.mqtt)
-            self._subscription = stack.enter_context(self._bus.subscribe(_SUBSCRIPTION_SIZE))
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._follower = asyncio.create_task(
-            self._follow(self._subscription), name="publishing-follow-bus"
-        )
-        self._stack = stack
+            subscription = stack.enter_context(self._bus.subscribe(_SUBSCRIPTION_SIZE))
+            self._subscription = subscription
+            # Entered last, left first: the follower has finished before MQTT and HTTP close.
+            self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._follower = self._tasks.create_task(
+                self._follow(subscription), name="telemetry-follow-bus"
+            )
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -175,6 +175,7 @@ class Publishing:
                 follower.cancel()
                 await asyncio.gather(follower, return_exceptions=True)
             await stack.aclose()
+            self._tasks = None
 
     def _final_status(self) -> StatusEvent:
         """The service left without publishing ``stopped``: say it for it."""
@@ -201,4 +202,4 @@ class Publishing:
             log.warning("quality alert %s: %s", alert.rule, alert.message)
         else:
             log.info("quality alert %s cleared: %s", alert.rule, alert.message)
-        self._bus.publish(alert)
+        self._bus.emit(alert)

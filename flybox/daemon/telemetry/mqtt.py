@@ -100,7 +100,7 @@ class MqttPublisher:
         self._last_status_content: str | None = None
         self._wakeup = asyncio.Event()
         self._closing = asyncio.Event()
-        self._tasks: asyncio.TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._connection: asyncio.Task[None] | None = None
         self._connected = False
         self._outage_since: float | None = None
@@ -147,10 +147,11 @@ class MqttPublisher:
             )
 
     async def __aenter__(self) -> MqttPublisher:
-        self._tasks = asyncio.TaskGroup()
-        await self._tasks.__aenter__()
-        self._connection = self._tasks.create_task(self._run(), name="mqtt-connection")
-        self._tasks.create_task(self._refresh_status(), name="mqtt-status-refresh")
+        async with contextlib.AsyncExitStack() as stack:
+            tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._connection = tasks.create_task(self._run(), name="mqtt-connection")
+            tasks.create_task(self._refresh_status(), name="mqtt-status-refresh")
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -163,8 +164,8 @@ class MqttPublisher:
 
     async def close(self, flush_seconds: float) -> None:
         """Deliver what is queued (waiting at most ``flush_seconds``), then disconnect."""
-        tasks, self._tasks = self._tasks, None
-        if tasks is None:
+        stack, self._stack = self._stack, None
+        if stack is None:
             return
         self._closing.set()
         self._wakeup.set()
@@ -175,7 +176,7 @@ class MqttPublisher:
         finally:
             if connection is not None and not connection.done():
                 connection.cancel()
-            await tasks.__aexit__(None, None, None)
+            await stack.aclose()
         if self.outbox_depth:
             log.warning("MQTT: %d events were not delivered before stopping", self.outbox_depth)
 

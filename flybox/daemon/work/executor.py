@@ -24,16 +24,13 @@ import logging
 from types import TracebackType
 from typing import Protocol
 
+from flybox.errors import WorkerLostError
 from flybox.pipeline.job import JobResult, MicrographJob, run_job
 from flybox.pipeline.workers import ready_worker, worker_pool
 
-__all__ = ["Executor", "LocalExecutor", "WorkerLostError"]
+__all__ = ["Executor", "LocalExecutor"]
 
 log = logging.getLogger(__name__)
-
-
-class WorkerLostError(Exception):
-    """The process running a job died (killed, out of memory, crashed in native code)."""
 
 
 class Executor(Protocol):
@@ -46,7 +43,7 @@ class Executor(Protocol):
 
     def submit(self, job: MicrographJob) -> asyncio.Future[JobResult]:
         """Start a job; the future resolves to its result or raises its exception
-        (:class:`WorkerLostError` when the worker died)."""
+        (:class:`~flybox.errors.WorkerLostError` when the worker died)."""
         ...
 
     async def close(self, *, cancel: bool) -> None:

@@ -7,35 +7,61 @@ backlog (the watcher keeps discovering meanwhile). When a unit's result comes ba
 committed on the journal thread (:class:`~flybox.daemon.work.commit.Committer`), unless newer
 inputs superseded it meanwhile (its temporary files are then discarded).
 
-Outcomes: bad input found by the worker → the input is quarantined; a worker that died or an
-I/O error → retried up to ``[executor] max_attempts`` times, then ``failed``; a processing
-error (e.g. box larger than the micrograph) → ``failed`` at once. None of them stops the
-service.
+Outcomes, classified by the exception tree (:mod:`flybox.errors`): bad input found by the
+worker (:class:`~flybox.errors.InputError`) → the input is quarantined; a worker that died
+(:class:`~flybox.errors.WorkerLostError`) or an I/O error
+(:class:`~flybox.errors.TransientIOError`; an ``OSError`` from a job or a commit becomes one
+where it is caught, here) → retried up to ``[executor] max_attempts`` times, then ``failed``;
+a processing error (e.g. box larger than the micrograph) → ``failed`` at once. None of them
+stops the service.
+
+Seams: intake puts stems whose unit is queued on the :class:`ReadyQueue`; the runner reports
+back through the callbacks it is given (``on_quarantine``, ``release_picks``) and shares only
+:class:`~flybox.daemon.state.SessionState` and the :class:`~flybox.daemon.state.JournalThread`.
+The runner is an async context manager owning its schedule loop and one task per unit in
+flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from pathlib import Path
+from types import TracebackType
 
+from flybox.config import FlyboxConfig
 from flybox.daemon.intake.complete import InputKind
 from flybox.daemon.intake.pairing import Pair
-from flybox.daemon.telemetry.events import FailureEvent, MicrographEvent, OutputSetEvent, Quality
-from flybox.daemon.work.executor import Executor, WorkerLostError
-from flybox.errors import FlyboxError, InputError, ProcessingError
+from flybox.daemon.state import JournalThread, SessionState, StemState
+from flybox.daemon.telemetry.events import (
+    EventBus,
+    FailureEvent,
+    MicrographEvent,
+    OutputSetEvent,
+    Quality,
+)
+from flybox.daemon.work.commit import CommitOutcome, Committer
+from flybox.daemon.work.executor import Executor
+from flybox.daemon.work.journal import UnitRecord
+from flybox.errors import (
+    FlyboxError,
+    InputError,
+    ProcessingError,
+    TransientIOError,
+    WorkerLostError,
+)
 from flybox.pipeline.job import JobResult, MicrographJob, discard_job
 from flybox.types import OpticsGroup
 
-if TYPE_CHECKING:
-    from flybox.daemon.service import Service, StemState
-    from flybox.daemon.work.commit import CommitOutcome
-    from flybox.daemon.work.journal import UnitRecord
+__all__ = ["QuarantineCallback", "ReadyQueue", "UnitRunner", "quality_of"]
 
-__all__ = ["UnitRunner", "quality_of"]
+#: ``on_quarantine(path, kind, reason, code)``: set an input aside (intake's quarantine).
+QuarantineCallback = Callable[[str, InputKind, str, str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -66,63 +92,154 @@ def quality_of(result: JobResult, pair: Pair) -> Quality:
     )
 
 
+class ReadyQueue:
+    """Stems whose unit is queued, oldest first, each once: intake puts, the runner takes."""
+
+    def __init__(self) -> None:
+        self._stems: dict[str, None] = {}
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._stems)
+
+    def put(self, stem: str) -> None:
+        """A stem's unit is queued: run it when a slot is free."""
+        self._stems[stem] = None
+        self._wake.set()
+
+    def pop(self) -> str:
+        """The oldest ready stem (the queue must not be empty)."""
+        stem = next(iter(self._stems))
+        del self._stems[stem]
+        return stem
+
+    def clear(self) -> None:
+        """Forget every ready stem (their units stay queued in the journal)."""
+        self._stems.clear()
+
+    def wake(self) -> None:
+        """Something changed for the taker (a slot became free)."""
+        self._wake.set()
+
+    async def changed(self) -> None:
+        """Wait until a stem was put or :meth:`wake` was called."""
+        await self._wake.wait()
+        self._wake.clear()
+
+
 class UnitRunner:
-    """Submits ready units to the executor and commits their results.
+    """Submits ready units to the executor and commits their results (module docstring).
 
     Parameters
     ----------
-    service
-        The service (its journal, committer, progress and bus).
     executor
         Where jobs run.
+    committer
+        Commits results (on the journal thread).
+    ready
+        The stems to run, put there by intake.
+    config
+        The configuration (``[[chain]]``, ``[micrograph]``, ``[output]``, ``[executor]``).
+    output_dir
+        The output folder.
+    state
+        The stems and status counts shared with intake.
+    journal
+        The journal and its thread.
+    events
+        Where micrograph, output-set and failure events go.
+    on_quarantine
+        Sets an input aside (a worker found it bad).
+    release_picks
+        Called with a stem whose unit is done: its picks need not be kept.
     """
 
-    def __init__(self, service: Service, executor: Executor) -> None:
-        self.service = service
+    def __init__(
+        self,
+        executor: Executor,
+        committer: Committer,
+        ready: ReadyQueue,
+        *,
+        config: FlyboxConfig,
+        session: str,
+        output_dir: Path,
+        state: SessionState,
+        journal: JournalThread,
+        events: EventBus,
+        on_quarantine: QuarantineCallback,
+        release_picks: Callable[[str], None],
+    ) -> None:
         self.executor = executor
+        self.committer = committer
+        self.config = config
+        self.session = session
+        self.output_dir = output_dir
         self.limit = 2 * max(executor.workers, 1)
-        self._ready: dict[str, None] = {}
-        self._wake = asyncio.Event()
+        self._ready = ready
+        self._state = state
+        self._progress = state.progress
+        self._journal = journal
+        self._events = events
+        self._on_quarantine = on_quarantine
+        self._release_picks = release_picks
         self._running: dict[int, asyncio.Task[None]] = {}
         self._committing: set[int] = set()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._schedule: asyncio.Task[None] | None = None
 
     @property
     def in_flight(self) -> int:
         """Units submitted and not yet finished."""
         return len(self._running)
 
-    def enqueue(self, stem: str) -> None:
-        """A stem's unit is queued: run it when a slot is free."""
-        self._ready[stem] = None
-        self._wake.set()
+    async def __aenter__(self) -> UnitRunner:
+        async with contextlib.AsyncExitStack() as stack:
+            self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
+            self._schedule = self._tasks.create_task(self._schedule_loop(), name="work-schedule")
+            self._stack = stack.pop_all()
+        return self
 
-    async def schedule_loop(self) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.drain(0.0, None)
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+        self._tasks = None
+
+    async def _schedule_loop(self) -> None:
         """Submit ready units while fewer than :attr:`limit` are in flight."""
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            await self._ready.changed()
             while self._ready and len(self._running) < self.limit:
-                stem = next(iter(self._ready))
-                del self._ready[stem]
-                entry = self.service.stems.get(stem)
+                stem = self._ready.pop()
+                entry = self._state.stems.get(stem)
                 if entry is None or entry.unit is None or entry.pair is None:
                     continue
                 if entry.unit.state != "queued" or entry.unit.id in self._running:
                     continue
-                tasks = self.service.task_group
-                assert tasks is not None
-                self._running[entry.unit.id] = tasks.create_task(
+                assert self._tasks is not None
+                self._running[entry.unit.id] = self._tasks.create_task(
                     self._run(entry, entry.unit, entry.pair), name=f"unit-{stem}"
                 )
 
-    async def drain(self, timeout: float, force: asyncio.Event) -> None:
+    async def drain(self, timeout: float, force: asyncio.Event | None) -> None:
         """Stop submitting; give in-flight units ``timeout`` seconds (less once ``force`` is
         set) to finish and commit; hand the others back (they stay queued)."""
+        if self._schedule is not None:
+            self._schedule.cancel()
         self._ready.clear()
         if self._running:
             log.info("draining: up to %.0f s for %d micrographs in flight", timeout, self.in_flight)
         deadline = time.monotonic() + timeout
-        while self._running and time.monotonic() < deadline and not force.is_set():
+        while self._running and time.monotonic() < deadline:
+            if force is not None and force.is_set():
+                break
             await asyncio.wait(list(self._running.values()), timeout=0.2)
         for unit_id, task in list(self._running.items()):
             if unit_id not in self._committing:
@@ -131,12 +248,12 @@ class UnitRunner:
             await asyncio.wait(list(self._running.values()))
 
     def _job(self, pair: Pair, group: OpticsGroup) -> MicrographJob:
-        config = self.service.config
+        config = self.config
         return MicrographJob(
             micrograph=pair.micrograph.path,
             name=pair.micrograph.path,
-            output_dir=str(self.service.output_dir),
-            chain=self.service.chain.spec,
+            output_dir=str(self.output_dir),
+            chain=self.config.build_chain().spec,
             picks=pair.coordinates.picks,
             coordinates=pair.coordinates.path if pair.coordinates.picks is None else None,
             ctf=pair.ctf,
@@ -148,49 +265,50 @@ class UnitRunner:
         )
 
     def _optics(self, pair: Pair) -> OpticsGroup:
-        return OpticsGroup.from_ctf(pair.ctf, self.service.config.micrograph.pixel_size)
+        return OpticsGroup.from_ctf(pair.ctf, self.config.micrograph.pixel_size)
 
     async def _run(self, entry: StemState, unit: UnitRecord, pair: Pair) -> None:
-        service = self.service
-        journal = service.journal
-        assert journal is not None
+        journal = self._journal
         running = replace(unit, state="running", attempts=unit.attempts + 1)
         entry.unit = running
-        service.set_phase(unit.stem, "running")
+        self._state.set_phase(unit.stem, "running")
         submitted = time.monotonic()
         group = self._optics(pair)
         try:
             try:
-                await service.journal_call(journal.set_state, unit.id, "running", attempt=True)
+                await journal.call(journal.journal.set_state, unit.id, "running", attempt=True)
                 result = await self.executor.submit(self._job(pair, group))
             except asyncio.CancelledError:
                 if entry.unit is running:
                     entry.unit = replace(running, state="queued")
-                    service.set_phase(unit.stem, "queued")
+                    self._state.set_phase(unit.stem, "queued")
                 raise
+            except OSError as exc:  # the boundary where a job's OSError joins the tree
+                error = TransientIOError.from_os_error(exc, pair.micrograph.path)
+                await self._failed(entry, running, pair, error)
+                return
             except Exception as exc:
                 await self._failed(entry, running, pair, exc)
                 return
             processed = time.monotonic()
             if entry.unit is not running:  # newer inputs arrived meanwhile
                 await asyncio.to_thread(discard_job, result)
-                await service.journal_call(journal.set_state, unit.id, "superseded")
+                await journal.call(journal.journal.set_state, unit.id, "superseded")
                 return
             self._committing.add(unit.id)
             try:
-                outcome = await service.journal_call(
-                    service.committer.commit, running, result, group
-                )
-            except OSError as exc:
+                outcome = await journal.call(self.committer.commit, running, result, group)
+            except OSError as exc:  # the boundary where a commit's OSError joins the tree
                 await asyncio.to_thread(discard_job, result)
-                await self._failed(entry, running, pair, exc)
+                error = TransientIOError.from_os_error(exc, pair.micrograph.path)
+                await self._failed(entry, running, pair, error)
                 return
             finally:
                 self._committing.discard(unit.id)
             self._committed(entry, running, pair, result, outcome, submitted, processed)
         finally:
             self._running.pop(unit.id, None)
-            self._wake.set()
+            self._ready.wake()
 
     def _committed(
         self,
@@ -202,23 +320,22 @@ class UnitRunner:
         submitted: float,
         processed: float,
     ) -> None:
-        service = self.service
         now = time.monotonic()
         if entry.unit is unit:  # else a newer version is queued: the stem stays in progress
             entry.unit = replace(unit, state="done")
             entry.pair = None
-            service.intake.pairing.release_picks(unit.stem)
-            service.set_phase(unit.stem, "done")
-        service.progress.committed(result.particles, processed - submitted)
+            self._release_picks(unit.stem)
+            self._state.set_phase(unit.stem, "done")
+        self._progress.committed(result.particles, processed - submitted)
         for stream, update in outcome.streams.items():
-            service.progress.particles[stream] = update.particles
+            self._progress.particles[stream] = update.particles
         origin = entry.micrograph_at if unit.version == 1 else entry.touched_at
         origin = min(origin, entry.ready_at)
         particles = {s: o.count for s, o in result.streams.items()}
         latency = now - origin
-        service.bus.publish(
+        self._events.emit(
             MicrographEvent(
-                session=service.session,
+                session=self.session,
                 name=unit.stem,
                 path=pair.micrograph.path,
                 version=unit.version,
@@ -236,9 +353,9 @@ class UnitRunner:
             )
         )
         for update in outcome.streams.values():
-            service.bus.publish(
+            self._events.emit(
                 OutputSetEvent(
-                    session=service.session,
+                    session=self.session,
                     stream=update.stream,
                     path=update.path,
                     particles=update.particles,
@@ -257,53 +374,51 @@ class UnitRunner:
     async def _failed(
         self, entry: StemState, unit: UnitRecord, pair: Pair, error: BaseException
     ) -> None:
-        service = self.service
-        journal = service.journal
-        assert journal is not None
+        journal = self._journal
         if isinstance(error, InputError):
             kind: InputKind = "coordinates" if error.path == pair.coordinates.path else "micrograph"
             code = "bad_coordinates" if kind == "coordinates" else "bad_micrograph"
-            await service.journal_call(
-                journal.set_state, unit.id, "quarantined", error=str(error), code=code
+            await journal.call(
+                journal.journal.set_state, unit.id, "quarantined", error=str(error), code=code
             )
-            await service.intake.quarantine(error.path, kind, error.problem, code)
+            await self._on_quarantine(error.path, kind, error.problem, code)
             if entry.unit is unit:
                 entry.unit = replace(unit, state="quarantined")
-                service.set_phase(unit.stem, "quarantined")
+                self._state.set_phase(unit.stem, "quarantined")
             return
         if isinstance(error, WorkerLostError):
             code, reason = "worker_crash", str(error)
-        elif isinstance(error, OSError):
-            code, reason = "io_error", f"{type(error).__name__}: {error}"
+        elif isinstance(error, TransientIOError):
+            code, reason = "io_error", error.problem
         elif isinstance(error, ProcessingError | FlyboxError):
             code, reason = "processing", getattr(error, "problem", str(error))
         else:
             code, reason = "internal", f"{type(error).__name__}: {error}"
             log.error("%s: internal error", pair.micrograph.path, exc_info=error)
         retry = code in ("worker_crash", "io_error")
-        if retry and unit.attempts < service.config.executor.max_attempts:
+        if retry and unit.attempts < self.config.executor.max_attempts:
             log.warning(
                 "%s: attempt %d failed (%s); trying again",
                 pair.micrograph.path,
                 unit.attempts,
                 reason,
             )
-            await service.journal_call(
-                journal.set_state, unit.id, "queued", error=reason, code=code
+            await journal.call(
+                journal.journal.set_state, unit.id, "queued", error=reason, code=code
             )
             if entry.unit is unit:
                 entry.unit = replace(unit, state="queued")
-                service.set_phase(unit.stem, "queued")
-                self.enqueue(unit.stem)
+                self._state.set_phase(unit.stem, "queued")
+                self._ready.put(unit.stem)
             return
-        await service.journal_call(journal.set_state, unit.id, "failed", error=reason, code=code)
+        await journal.call(journal.journal.set_state, unit.id, "failed", error=reason, code=code)
         if entry.unit is unit:
             entry.unit = replace(unit, state="failed")
-            service.set_phase(unit.stem, "failed")
+            self._state.set_phase(unit.stem, "failed")
         log.error("%s: failed: %s", pair.micrograph.path, reason)
-        service.bus.publish(
+        self._events.emit(
             FailureEvent(
-                session=service.session,
+                session=self.session,
                 path=pair.micrograph.path,
                 reason=reason,
                 attempts=unit.attempts,

@@ -1,5 +1,5 @@
-"""A stand-in service process for the publishing tests: :class:`Publishing` fed by a
-synthetic event source (``python -m tests.helpers.publishing_standin CONFIG ...``).
+"""A stand-in service process for the publishing tests: :class:`Telemetry` fed by a
+synthetic event source (``python -m tests.helpers.telemetry_standin CONFIG ...``).
 
 It publishes a ``running`` status, then ``--micrographs`` micrograph events every
 ``--interval`` seconds, then (unless ``--linger``) a ``stopped`` status, and leaves. SIGTERM
@@ -18,7 +18,7 @@ import sys
 from flybox import __version__
 from flybox.config import load_config
 from flybox.daemon.telemetry.events import Counts, EventBus, MicrographEvent, Quality, StatusEvent
-from flybox.daemon.telemetry.fanout import Publishing
+from flybox.daemon.telemetry.fanout import Telemetry
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -41,13 +41,13 @@ async def _serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with Publishing(config, bus, status):
-        bus.publish(status())
+    async with Telemetry(config, bus, status):
+        bus.emit(status())
         print("ready", flush=True)
         for index in range(args.micrographs):
             if stop.is_set():
                 break
-            bus.publish(
+            bus.emit(
                 MicrographEvent(
                     session=session,
                     name=f"mic{index:04d}",
@@ -66,7 +66,7 @@ async def _serve(args: argparse.Namespace) -> None:
         if args.linger:
             await stop.wait()
         state[0] = "stopped"
-        bus.publish(status())
+        bus.emit(status())
 
 
 def main() -> None:
