@@ -57,7 +57,20 @@ class FlyboxError(Exception):
     """Base class of every error flybox raises on purpose."""
 
 
-class InputError(FlyboxError):
+class _FileError(FlyboxError):
+    """An error about one file (or micrograph): ``path`` and ``problem`` as attributes, the
+    message ``"<path>: <problem>"``; both survive pickling (worker → service)."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.problem))
+
+
+class InputError(_FileError):
     """An input file is unusable; the file is quarantined and processing continues.
 
     Parameters
@@ -67,15 +80,6 @@ class InputError(FlyboxError):
     problem
         What is wrong with it, in a few words (no trailing period).
     """
-
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        self.path = os.fspath(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keep the attributes when the error crosses a process boundary (worker → service).
-        return (type(self), (self.path, self.problem))
 
 
 class IncompleteFileError(InputError):
@@ -169,31 +173,23 @@ class PluginError(ConfigError):
         return (type(self), (self.plugin, self.problem))
 
 
-class ProcessingError(FlyboxError):
+class ProcessingError(_FileError):
     """Valid inputs that the requested processing cannot use.
 
     Parameters
     ----------
-    subject
+    path
         What the problem is about (usually a micrograph path).
     problem
         Why processing is impossible.
     """
-
-    def __init__(self, subject: str | os.PathLike[str], problem: str) -> None:
-        self.path = os.fspath(subject)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.problem))
 
 
 class TransientError(FlyboxError):
     """A passing problem: the operation is tried again (a bounded number of times)."""
 
 
-class TransientIOError(TransientError):
+class TransientIOError(_FileError, TransientError):
     """A passing file-system problem (NFS hiccup, full disk); the operation is retried.
 
     Parameters
@@ -203,14 +199,6 @@ class TransientIOError(TransientError):
     problem
         What went wrong.
     """
-
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        self.path = os.fspath(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.problem))
 
     @classmethod
     def from_os_error(cls, error: OSError, path: str | os.PathLike[str]) -> TransientIOError:

@@ -269,7 +269,7 @@ class PhaseFlipStep(ParticleProcessor[PhaseFlipSettings]):
         ctf = stack.ctf
         if ctf is None or not ctf.complete:
             raise ProcessingError(
-                subject=_micrograph_name(stack.table, f"stream {stack.stream}"),
+                path=_micrograph_name(stack.table, f"stream {stack.stream}"),
                 problem=_NEEDS_CTF,
             )
         if len(stack) == 0:
@@ -332,7 +332,7 @@ class MicrographPhaseFlipStep(MicrographProcessor[MicrographPhaseFlipSettings]):
         """Return a copy of ``micrograph`` with its phases flipped."""
         ctf = micrograph.ctf
         if ctf is None or not ctf.complete:
-            raise ProcessingError(subject=micrograph.name, problem=_NEEDS_CTF)
+            raise ProcessingError(path=micrograph.name, problem=_NEEDS_CTF)
         image = np.asarray(micrograph.image, dtype=np.float32)
         spectrum = rfftn_last(image)
         spectrum *= self.signs(micrograph.shape, micrograph.pixel_size_a, ctf)

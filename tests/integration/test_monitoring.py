@@ -42,12 +42,12 @@ from flybox.daemon.telemetry.status import StatusReport
 from tests.conftest import REPO, require_binary
 from tests.helpers.mqtt_broker import (
     free_port,
-    no_tasks_left,
     prometheus_query,
     start_prometheus,
     stop_process,
     wait_for_port,
 )
+from tests.helpers.tasks import no_tasks_left
 
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "flybox.json"

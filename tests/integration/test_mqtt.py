@@ -30,8 +30,8 @@ from tests.helpers.mqtt_broker import (
     free_port,
     make_tls_files,
     mqtt_settings,
-    no_tasks_left,
 )
+from tests.helpers.tasks import no_tasks_left
 
 SESSION = "krios9-test"
 PREFIX = f"flybox/{SESSION}"
