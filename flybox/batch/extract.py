@@ -245,7 +245,7 @@ def execute(
         for index, job in enumerate(jobs):
             try:
                 yield index, run_job(job)
-            except (FlyboxError, OSError, ValueError) as exc:
+            except (FlyboxError, OSError) as exc:
                 yield index, exc
         return
     pending: dict[futures.Future[JobResult], int] = {}
@@ -268,8 +268,27 @@ def execute(
             yield index, (error if error is not None else future.result())
 
 
-def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True) -> ExtractSummary:
-    """Run a planned batch, commit outputs, write every stream's STAR file, summarise."""
+def run_extraction(
+    plan: ExtractPlan,
+    *,
+    workers: int = 2,
+    progress: bool = True,
+    pool: futures.ProcessPoolExecutor | None = None,
+) -> ExtractSummary:
+    """Run a planned batch, commit outputs, write every stream's STAR file, summarise.
+
+    Parameters
+    ----------
+    plan
+        From :func:`plan_extraction`.
+    workers
+        Worker processes (1: in this process).
+    progress
+        Show a progress bar on stderr.
+    pool
+        A pool started earlier (:func:`flybox.pipeline.workers.worker_pool`, e.g. while the
+        batch was planned); it is shut down at the end. Default: one is made here when it pays.
+    """
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -278,7 +297,8 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
     failed: list[str] = []
     # The pool first: its workers are forked before any thread starts (progress bar,
     # committer).
-    pool = worker_pool(workers) if workers > 1 and len(plan.jobs) > 1 else None
+    if pool is None and workers > 1 and len(plan.jobs) > 1:
+        pool = worker_pool(workers)
     bar = tqdm(total=len(plan.jobs), unit="mic", disable=not progress or None, file=sys.stderr)
     # Commits (fsync + rename) run on their own thread, so that waiting for the disk never
     # delays handing the next micrograph to a worker.
@@ -287,7 +307,7 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
     try:
         for index, outcome in execute(plan.jobs, pool, workers):
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, FlyboxError | OSError | ValueError):
+                if not isinstance(outcome, FlyboxError | OSError):
                     raise outcome
                 message = (
                     str(outcome)

@@ -350,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
     from flybox.config import load_config
     from flybox.io.mrc import read_header
     from flybox.pipeline.inputs import find_micrographs
+    from flybox.pipeline.job import chain_for
+    from flybox.pipeline.workers import worker_pool
     from flybox.processors.boxsize import suggest_box
 
     pixel_size = args.pixel_size
@@ -385,24 +387,33 @@ def run(args: argparse.Namespace) -> int:
                 first.optics.micrograph_pixel_size_a or read_header(first.path).pixel_size_a
             )
         chain = extract_chain(args, box, known_pixel)
-    plan = plan_extraction(
-        ExtractRequest(
-            micrographs=args.micrographs,
-            output_dir=args.output,
-            chain=chain,
-            coords=args.coords,
-            coord_suffix=args.coord_suffix,
-            min_fom=args.min_fom,
-            cs_flip_y=args.cs_flip_y,
-            ctf=args.ctf,
-            recenter=args.recenter,
-            pixel_size_a=pixel_size,
-            picking_pixel_size_a=picking_pixel_size,
-            float16=float16,
+    # Workers start now, while the batch is planned: forked after the chain's steps are
+    # imported and validated (they inherit them), they warm their kernels up meanwhile.
+    chain_for(chain)
+    pool = worker_pool(args.workers) if args.workers > 1 else None
+    try:
+        plan = plan_extraction(
+            ExtractRequest(
+                micrographs=args.micrographs,
+                output_dir=args.output,
+                chain=chain,
+                coords=args.coords,
+                coord_suffix=args.coord_suffix,
+                min_fom=args.min_fom,
+                cs_flip_y=args.cs_flip_y,
+                ctf=args.ctf,
+                recenter=args.recenter,
+                pixel_size_a=pixel_size,
+                picking_pixel_size_a=picking_pixel_size,
+                float16=float16,
+            )
         )
-    )
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        raise
     for path in plan.without_coordinates:
         log.warning("%s: no coordinates found; skipped", path)
-    summary = run_extraction(plan, workers=args.workers, progress=not args.no_progress)
+    summary = run_extraction(plan, workers=args.workers, progress=not args.no_progress, pool=pool)
     print(summary.line())
     return 1 if summary.failed else 0

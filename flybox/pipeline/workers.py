@@ -56,6 +56,11 @@ def _worker_init(service_pid: int) -> None:
     ).start()
 
 
+def _warm_up() -> None:
+    """Runs first in every forked worker: the compiled kernels, ready before the first job."""
+    import flybox.pipeline.preload  # noqa: F401
+
+
 def ready_worker() -> int:
     """A no-op job that makes the pool start a worker."""
     return os.getpid()
@@ -65,7 +70,9 @@ def worker_pool(workers: int, *, fork: bool | None = None) -> futures.ProcessPoo
     """A process pool whose workers start with the processing modules imported.
 
     When this process runs no other Python thread (the batch command), workers are forked
-    from it: they start in milliseconds and share the imported modules. The
+    from it at once: they start in milliseconds and share the imported modules, and each
+    warms its compiled kernels up (numba's on-disk cache) while this process goes on (planning
+    the batch), instead of this process doing it before forking. The
     only native thread then is the background thread of pyarrow's jemalloc (pulled in by
     pandas), which jemalloc itself makes fork-safe with ``pthread_atfork`` handlers. With
     other Python threads alive (the service), workers come from a fork server that imports
@@ -85,13 +92,15 @@ def worker_pool(workers: int, *, fork: bool | None = None) -> futures.ProcessPoo
         default_fork = multiprocessing.get_start_method(allow_none=True) in (None, "fork")
         fork = default_fork and threading.active_count() == 1
     if fork:
-        import flybox.pipeline.preload  # noqa: F401  (kernels warmed up here, inherited by workers)
-
-        pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        pool = futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_warm_up
+        )
         with warnings.catch_warnings():
             # Python ≥ 3.12 warns about fork() in any multi-threaded process; see above.
             warnings.simplefilter("ignore", DeprecationWarning)
-            pool.submit(ready_worker).result()  # forks every worker now, before any other thread
+            # The first submission forks every worker before it returns (and before the pool's
+            # manager thread starts); no need to wait for the no-op itself.
+            pool.submit(ready_worker)
         log.debug("worker pool: %d processes forked from this one", workers)
         return pool
     context = multiprocessing.get_context("forkserver")

@@ -19,12 +19,41 @@ read-only cache only costs planning time. ``FLYBOX_CACHE_DIR=""`` disables it.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import pyfftw
+
+
+def _import_pyfftw() -> Any:
+    """``import pyfftw`` without its optional interfaces to scipy.fftpack and dask.array.
+
+    pyFFTW's ``__init__`` imports ``pyfftw.interfaces``, which imports ``scipy.fftpack`` (and
+    ``dask.array.fft``) when they are installed: 0.15 s (0.5 s with dask) of start-up for
+    wrappers flybox never uses (it drives ``pyfftw.FFTW`` plans directly). Entries of ``None``
+    in ``sys.modules`` make those optional imports fail the way a missing package does; they
+    are removed again right after, so later imports of scipy or dask are unaffected.
+    """
+    if "pyfftw" in sys.modules:
+        return sys.modules["pyfftw"]
+    blocked = [name for name in ("scipy.fftpack", "dask.array.fft") if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import pyfftw
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return pyfftw
+
+
+if TYPE_CHECKING:
+    import pyfftw
+else:
+    pyfftw = _import_pyfftw()
 
 __all__ = [
     "BLOCK",
