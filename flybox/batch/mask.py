@@ -86,7 +86,7 @@ class Masker:
         fill_value: float | None = None,
     ) -> None:
         if settings is None and mask_file is None:
-            raise ConfigError("--shape", "give a mask shape, or a mask file with --mask")
+            raise ConfigError("shape", "give a mask shape, or a mask file")
         self.settings = settings
         self.mask_file = Path(mask_file) if mask_file is not None else None
         default_fill = settings.fill if settings is not None else None
@@ -153,7 +153,7 @@ class Masker:
             file_binary = is_binary_mask(values)
             if not file_binary and self.fill in ("value", "min", "max", "avg"):
                 raise ConfigError(
-                    "--fill",
+                    "fill",
                     f"fill {self.fill} applies to binary masks only; {self.mask_file} is soft",
                 )
             mask = values if mask is None else mask * values
