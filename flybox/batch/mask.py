@@ -435,9 +435,9 @@ def check_particles_star(
         if output_dir is not None:
             target = Path(output_dir) / refs.output_name
             if target.resolve() == refs.path.resolve():
-                raise ConfigError("-o", f"would overwrite the input stack {refs.path}")
+                raise ConfigError("output", f"would overwrite the input stack {refs.path}")
     if output_dir is not None and (Path(output_dir) / star.name).resolve() == star.resolve():
-        raise ConfigError("-o", f"would overwrite the input {star}")
+        raise ConfigError("output", f"would overwrite the input {star}")
     return plan
 
 

@@ -201,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{path} -> {written}: particles masked")
     except ConfigError as exc:
         key = exc.key
-        if key in MaskSettings.model_fields:  # a settings field: name it as its option
+        if key == "output":
+            key = "-o"
+        elif key in MaskSettings.model_fields:  # a settings field: name it as its option
             key = "--" + key.replace("_", "-")
         message = f"{key}: {exc.problem}" if key else exc.problem
         print(f"flybox mask: error: {message}", file=sys.stderr)
