@@ -26,7 +26,7 @@ from flybox.io.star import read_relion_star
 from flybox.pipeline.chain import ChainSpec
 from flybox.pipeline.inputs import CoordinateSource, MicrographSource, find_micrographs
 from flybox.pipeline.job import JobResult, MicrographJob, chain_for, commit_job, run_job
-from flybox.pipeline.layout import ParticleSet
+from flybox.pipeline.layout import ParticleSet, project_folder
 from flybox.pipeline.matching import match_name, micrograph_stem
 from flybox.pipeline.workers import worker_pool
 from flybox.processors.coordinates import recenter_picks
@@ -58,6 +58,8 @@ class ExtractRequest:
         Overrides of the micrograph pixel size and the pixel size of the coordinates, in Å.
     float16
         Write stacks in mode 12.
+    project_dir
+        The project folder STAR paths are relative to (default: the working directory).
     """
 
     micrographs: str
@@ -72,6 +74,7 @@ class ExtractRequest:
     pixel_size_a: float | None = None
     picking_pixel_size_a: float | None = None
     float16: bool = False
+    project_dir: str | None = None
 
 
 @dataclass
@@ -160,7 +163,8 @@ def plan_extraction(request: ExtractRequest) -> ExtractPlan:
         For unusable inputs or settings (one line naming the file or key).
     """
     built = chain_for(request.chain)
-    source = find_micrographs(request.micrographs)
+    project_dir = str(project_folder(request.project_dir))
+    source = find_micrographs(request.micrographs, project_dir)
     ctfs = dict(source.ctfs)
     if request.ctf is not None:
         ctfs = read_ctf(request.ctf)
@@ -223,6 +227,7 @@ def plan_extraction(request: ExtractRequest) -> ExtractPlan:
                 pixel_size_a=request.pixel_size_a,
                 picking_pixel_size_a=request.picking_pixel_size_a,
                 float16=request.float16,
+                project_dir=project_dir,
             )
         )
     if built.requires_ctf:

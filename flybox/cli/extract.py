@@ -112,6 +112,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     io.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     io.add_argument(
+        "--project-dir",
+        metavar="DIR",
+        help="the RELION project folder: every path written into a STAR file is relative to "
+        "it, as RELION reads them (default: the working directory)",
+    )
+    io.add_argument(
         "--float16",
         action="store_true",
         help="write stacks as float16 (MRC mode 12, RELION's rounding rules)",
@@ -399,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
             pixel_size_a=pixel_size,
             picking_pixel_size_a=picking_pixel_size,
             float16=float16,
+            project_dir=args.project_dir,
         )
     )
     for path in plan.without_coordinates:

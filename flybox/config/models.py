@@ -60,10 +60,18 @@ class _Section(BaseModel):
 
 
 class SessionConfig(_Section):
-    """``[session]``: the session's name and its output folder."""
+    """``[session]``: the session's name, its output folder and the project folder that paths
+    in STAR files are relative to (default: the working directory at start)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output: Path
+    project_dir: Path | None = None
+
+    def project_folder(self) -> Path:
+        """The project folder, absolute (``project_dir``, else the working directory)."""
+        from flybox.pipeline.layout import project_folder
+
+        return project_folder(self.project_dir)
 
 
 class WatchConfig(_Section):

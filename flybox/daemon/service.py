@@ -158,6 +158,7 @@ class Service:
             raise ConfigError("watch.ctf", "the chain needs each micrograph's CTF; set its source")
         self.session = config.session.name
         self.output_dir = Path(config.session.output).absolute()
+        self.project_dir = config.session.project_folder()
         self.watch = config.watch
         self.bus = EventBus()
         self.notifier = notifier or Notifier()

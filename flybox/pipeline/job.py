@@ -25,7 +25,7 @@ from flybox.io.fftw_wisdom import FileWisdomStore, default_wisdom_path
 from flybox.io.mrc import StackWriter, read_micrograph
 from flybox.io.star import format_star_block
 from flybox.pipeline.chain import Chain, ChainSpec
-from flybox.pipeline.layout import optics_table, particle_rows, stream_paths
+from flybox.pipeline.layout import optics_table, particle_rows, project_path, stream_paths
 from flybox.processors.base import Micrograph
 from flybox.processors.coordinates import rescale_coordinates
 from flybox.processors.fft import use_wisdom_store
@@ -71,6 +71,9 @@ class MicrographJob:
         Pixel size the coordinates refer to; coordinates are rescaled when it differs.
     float16
         Write stacks in mode 12 with RELION's float16 rules.
+    project_dir
+        The project folder: paths in STAR rows are relative to it (default: the working
+        directory of the worker, which is the one of the process that started it).
     stem
         Output file stem; default: the micrograph file's stem.
     chunk_size
@@ -91,6 +94,7 @@ class MicrographJob:
     pixel_size_a: float | None = None
     picking_pixel_size_a: float | None = None
     float16: bool = False
+    project_dir: str | None = None
     stem: str | None = None
     chunk_size: int = 32
 
@@ -241,11 +245,17 @@ def run_job(job: MicrographJob) -> JobResult:
 
     outputs: dict[str, StreamOutput] = {}
     for stream in chain.streams:
-        stack_final, star_final, relative_stack = folder_paths[stream]
+        stack_final, star_final, _ = folder_paths[stream]
         box = boxes[stream]
         pixel = pixel_sizes.get(stream, pixel_size * chain.extraction_box / box)
         table = pd.concat(tables[stream], ignore_index=True) if tables[stream] else pd.DataFrame()
-        rows = particle_rows(table, relative_stack, job.optics.number, job.ctf)
+        rows = particle_rows(
+            table,
+            project_path(stack_final, job.project_dir),
+            job.optics.number,
+            job.ctf,
+            micrograph_name=project_path(job.micrograph, job.project_dir),
+        )
         star_temp = None
         if len(rows):
             optics = optics_table([job.optics], pixel, box)

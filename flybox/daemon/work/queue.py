@@ -144,6 +144,7 @@ class UnitRunner:
             pixel_size_a=config.micrograph.pixel_size,
             picking_pixel_size_a=config.micrograph.picking_pixel_size,
             float16=config.output.float16,
+            project_dir=str(self.service.project_dir),
             stem=pair.stem,
         )
 
