@@ -25,7 +25,14 @@ from flybox.io.mrc import read_header
 from flybox.io.star import read_relion_star
 from flybox.pipeline.chain import ChainSpec
 from flybox.pipeline.inputs import CoordinateSource, MicrographSource, find_micrographs
-from flybox.pipeline.job import JobResult, MicrographJob, chain_for, commit_job, run_job
+from flybox.pipeline.job import (
+    JobResult,
+    JobWarnings,
+    MicrographJob,
+    chain_for,
+    commit_job,
+    run_job,
+)
 from flybox.pipeline.layout import ParticleSet, project_folder
 from flybox.pipeline.matching import match_name, micrograph_stem
 from flybox.pipeline.workers import worker_pool
@@ -288,6 +295,7 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
     # Commits (fsync + rename) run on their own thread, so that waiting for the disk never
     # delays handing the next micrograph to a worker.
     committer = futures.ThreadPoolExecutor(1, thread_name_prefix="flybox-commit")
+    warnings = JobWarnings()
     commits: list[futures.Future[None]] = []
     try:
         for index, outcome in execute(plan.jobs, pool, workers):
@@ -302,11 +310,14 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
                 failed.append(message)
                 bar.write(message, file=sys.stderr)
             else:
+                warnings.report(outcome)
                 commits.append(committer.submit(commit_job, outcome))
                 results[index] = outcome
             bar.update(1)
         for commit in commits:
             commit.result()
+        if warnings.suppressed:
+            log.warning("%d more warnings like these", warnings.suppressed)
     finally:
         committer.shutdown(wait=True)
         bar.close()

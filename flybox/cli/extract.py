@@ -369,7 +369,10 @@ def run(args: argparse.Namespace) -> int:
         ]
         if given:
             raise ConfigError(given[0], "processing options cannot be combined with -c CONFIG")
-        config = load_config(args.config)
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            raise ConfigError(args.config, str(exc)) from exc
         chain = config.build_chain().spec
         pixel_size = pixel_size or config.micrograph.pixel_size
         picking_pixel_size = picking_pixel_size or config.micrograph.picking_pixel_size

@@ -306,9 +306,10 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except OSError as exc:
-        raise ConfigError(str(path), f"cannot read the configuration: {exc.strerror}") from exc
+        # No key: callers name the file (``FILE: problem``) once, for every problem alike.
+        raise ConfigError("", f"cannot read the configuration: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+        raise ConfigError("", f"not valid TOML: {exc}") from exc
 
 
 def parse_config(data: dict[str, Any]) -> FlyboxConfig:

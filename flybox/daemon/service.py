@@ -52,6 +52,7 @@ from flybox.daemon.work.journal import Journal, UnitRecord
 from flybox.daemon.work.queue import UnitRunner
 from flybox.errors import ConfigError
 from flybox.pipeline.inputs import DEFAULT_COORD_SUFFIXES
+from flybox.pipeline.job import JobWarnings
 
 __all__ = ["Service", "check_settings", "run"]
 
@@ -159,6 +160,7 @@ class Service:
         self.session = config.session.name
         self.output_dir = Path(config.session.output).absolute()
         self.project_dir = config.session.project_folder()
+        self.job_warnings = JobWarnings()
         self.watch = config.watch
         self.bus = EventBus()
         self.notifier = notifier or Notifier()

@@ -173,6 +173,7 @@ class UnitRunner:
                 await self._failed(entry, running, pair, exc)
                 return
             processed = time.monotonic()
+            service.job_warnings.report(result)
             if entry.unit is not running:  # newer inputs arrived meanwhile
                 await asyncio.to_thread(discard_job, result)
                 await service.journal_call(journal.set_state, unit.id, "superseded")
