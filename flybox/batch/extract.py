@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy.typing as npt
 
-from flybox.errors import FlyboxError, InputError, ProcessingError
+from flybox.errors import ConfigError, FlyboxError, InputError, ProcessingError
 from flybox.io.ctf import read_ctf
 from flybox.io.mrc import read_header
 from flybox.io.star import read_relion_star
@@ -104,23 +104,36 @@ class ExtractSummary:
     without_coordinates: int
     particles: dict[str, int]
     boxes: dict[str, int]
-    pixel_sizes: dict[str, float]
+    #: Image pixel size in Å per stream and optics group number.
+    pixel_sizes: dict[str, dict[int, float]]
     excluded: int
     seconds: float
+    normalisation: str | None = None
+
+    def _pixel_sizes(self, stream: str) -> str:
+        sizes = self.pixel_sizes.get(stream, {})
+        if not sizes:
+            return ""
+        if len(set(sizes.values())) == 1:
+            return f", {next(iter(sizes.values())):.4g} Å"
+        groups = ", ".join(f"optics group {g} {sizes[g]:.4g} Å" for g in sorted(sizes))
+        return f"; {groups}"
 
     def line(self) -> str:
         """The final one-line summary printed by ``flybox extract``."""
         streams = ", ".join(
-            f"{s} {self.particles.get(s, 0)} ({self.boxes[s]} px"
-            + (f", {self.pixel_sizes[s]:.4g} Å)" if s in self.pixel_sizes else ")")
+            f"{s} {self.particles.get(s, 0)} ({self.boxes[s]} px{self._pixel_sizes(s)})"
             for s in self.boxes
         )
         rate = self.micrographs / self.seconds if self.seconds > 0 else 0.0
+        noun = "micrograph" if self.micrographs == 1 else "micrographs"
         text = (
-            f"extracted {self.micrographs} micrographs: {streams}; "
+            f"extracted {self.micrographs} {noun}: {streams}; "
             f"{self.excluded} excluded at the border; {self.seconds:.2f} s, "
             f"{rate:.2f} micrographs/s"
         )
+        if self.normalisation:
+            text += f"; normalisation {self.normalisation}"
         if self.failed:
             text += f"; {len(self.failed)} failed"
         if self.without_coordinates:
@@ -196,6 +209,7 @@ def plan_extraction(request: ExtractRequest) -> ExtractPlan:
             min_fom=request.min_fom,
             cs_flip_y=request.cs_flip_y,
         )
+    check_output_dir(request.output_dir)
     plan = ExtractPlan(jobs=[], output_dir=request.output_dir, streams=built.streams)
     stems: dict[str, str] = {}
     for entry in source.entries:
@@ -246,6 +260,27 @@ def plan_extraction(request: ExtractRequest) -> ExtractPlan:
     return plan
 
 
+def check_output_dir(path: str) -> None:
+    """Create the output folder if needed and make sure files can be written in it.
+
+    Raises
+    ------
+    ConfigError
+        ``-o``: one line saying why the folder cannot be used (a file by that name, no
+        permission, a read-only file system…).
+    """
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("-o", f"{path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".flybox-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError("-o", f"{path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def execute(
     jobs: Sequence[MicrographJob], pool: futures.ProcessPoolExecutor | None, workers: int
 ) -> Iterator[tuple[int, JobResult | BaseException]]:
@@ -285,7 +320,7 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
     from tqdm import tqdm
 
     started = time.perf_counter()
-    os.makedirs(plan.output_dir, exist_ok=True)
+    check_output_dir(plan.output_dir)
     results: dict[int, JobResult] = {}
     failed: list[str] = []
     # The pool first: its workers are forked before any thread starts (progress bar,
@@ -325,7 +360,7 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
             pool.shutdown(cancel_futures=True)
     sets = {stream: ParticleSet(plan.output_dir, stream) for stream in plan.streams}
     boxes = dict(plan.streams)
-    pixel_sizes: dict[str, float] = {}
+    pixel_sizes: dict[str, dict[int, float]] = {}
     excluded = 0
     for index in sorted(results):
         result = results[index]
@@ -335,7 +370,7 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
             sets[stream].add(output.rows, job.optics, output.pixel_size_a, output.box)
             if output.count:
                 boxes[stream] = output.box
-                pixel_sizes[stream] = output.pixel_size_a
+                pixel_sizes.setdefault(stream, {})[job.optics.number] = output.pixel_size_a
     for particle_set in sets.values():
         particle_set.write()
     return ExtractSummary(
@@ -347,4 +382,11 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
         pixel_sizes=pixel_sizes,
         excluded=excluded,
         seconds=time.perf_counter() - started,
+        normalisation=_normalisation(plan.jobs[0].chain) if plan.jobs else None,
     )
+
+
+def _normalisation(chain: ChainSpec) -> str:
+    """The normalisation method of a chain, as the summary states it."""
+    methods = [str(s.settings.get("method", "ramp")) for s in chain.steps if s.step == "normalize"]
+    return methods[0] if methods else "none"

@@ -129,7 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="take the chain ([[chain]]), [micrograph] and [output] settings from "
         "this TOML file instead of the processing options below",
     )
-    proc = p.add_argument_group("processing (ALGORITHMS.md gives every formula)")
+    proc = p.add_argument_group(
+        "processing (docs/conventions.md explains each convention and how to choose)"
+    )
     proc.add_argument(
         "--convention",
         choices=["relion", "xmipp"],
@@ -208,7 +210,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     proc.add_argument(
         "--norm",
         choices=["none", "whole", "background", "ramp"],
-        help="normalisation (default: ramp)",
+        help="normalisation (default: ramp, RELION's --norm with a plane fitted to the "
+        "background; note that relion_preprocess's own default is no normalisation)",
     )
     proc.add_argument(
         "--bg-radius",
@@ -351,7 +354,8 @@ def _picking_box(args: argparse.Namespace) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``flybox extract``; returns the exit status (1 when some micrographs failed)."""
+    """Run ``flybox extract``; returns the exit status (1 when some micrographs failed or no
+    particle was extracted)."""
     from flybox.batch.extract import ExtractRequest, plan_extraction, run_extraction
     from flybox.config import load_config
     from flybox.io.mrc import read_header
@@ -415,4 +419,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s: no coordinates found; skipped", path)
     summary = run_extraction(plan, workers=args.workers, progress=not args.no_progress)
     print(summary.line())
+    if not any(summary.particles.values()):
+        log.error("no particle was extracted")
+        return 1
     return 1 if summary.failed else 0

@@ -101,7 +101,7 @@ def test_a_bad_coordinate_file_names_the_file_and_the_others_go_on(
         capsys,
     )
     assert code == 1
-    assert "extracted 1 micrographs" in out
+    assert "extracted 1 micrograph:" in out
     assert "1 failed" in out
     assert "1 without coordinates" in out
     error_lines = [line for line in err.splitlines() if "mic1.star" in line]
@@ -126,7 +126,7 @@ def test_corrupt_micrograph_is_reported_in_one_line(
         capsys,
     )
     assert code == 1
-    assert "extracted 1 micrographs" in out
+    assert "extracted 1 micrograph:" in out
     assert sum("mic0.mrc" in line for line in err.splitlines()) == 1
 
 

@@ -211,7 +211,11 @@ def _clock(moment: datetime) -> str:
 
 
 def _quality(summary: MicrographSummary) -> str:
-    parts = [f"latency {_duration(summary.latency_seconds)}"]
+    # No latency when none was measured (0: e.g. committed before a restart); sub-second ones
+    # with two decimals rather than "0 s".
+    latency = summary.latency_seconds
+    parts = [f"latency {latency:.2f} s" if latency < 1 else f"latency {_duration(latency)}"]
+    parts = parts if latency > 0 else []
     if summary.excluded_border:
         parts.append(f"{summary.excluded_border} at border")
     if summary.quality.gini is not None:
