@@ -373,6 +373,14 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
                 pixel_sizes.setdefault(stream, {})[job.optics.number] = output.pixel_size_a
     for particle_set in sets.values():
         particle_set.write()
+    missing = next((m for s in sets.values() if (m := s.missing_optics())), [])
+    if missing:
+        log.warning(
+            "the optics table has no %s: RELION 3.1 cannot read the particles without them; "
+            "give a micrographs STAR file with optics (e.g. CtfFind/jobNNN/micrographs_ctf.star) "
+            "or --ctf",
+            ", ".join(missing),
+        )
     return ExtractSummary(
         micrographs=len(results),
         failed=failed,

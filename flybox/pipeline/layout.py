@@ -218,6 +218,15 @@ class ParticleSet:
         self._chunks.append(rows)
         self.count += len(rows)
 
+    def missing_optics(self) -> list[str]:
+        """Optics columns RELION 3.1 needs to read the file at all (voltage, Cs, Q0) that are
+        unknown for some group: with a glob of micrographs and no CTF table, nothing says."""
+        needed = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+        table = self.optics()
+        if table.empty:
+            return []
+        return [c for c in needed if c not in table or bool(table[c].isna().any())]
+
     def optics(self) -> pd.DataFrame:
         """The ``data_optics`` table of the set."""
         tables = [optics_table([self._groups[n]], *self._pixel[n]) for n in sorted(self._groups)]

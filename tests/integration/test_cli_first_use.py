@@ -193,3 +193,15 @@ def test_without_a_writable_home_numba_falls_back_with_one_warning(tmp_path: Pat
     assert "Traceback" not in done.stderr
     assert done.stderr.count("warning: numba cannot write its cache") == 1
     assert "extracted 1 micrograph" in done.stdout
+
+
+def test_glob_without_optics_warns_that_relion_cannot_read_the_particles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    star = micrographs(tmp_path / "in", [1.0])
+    glob = str(star.parent / "*.mrc")
+    code, _, err = flybox(extract(Path(glob), tmp_path / "out"), capsys)
+    assert code == 0
+    assert "the optics table has no rlnVoltage, rlnSphericalAberration, rlnAmplitudeContrast" in err
+    code, _, err = flybox(extract(star, tmp_path / "out2"), capsys)  # the STAR has optics
+    assert "optics table has no" not in err
