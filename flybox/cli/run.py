@@ -44,4 +44,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for warning in config_warnings(config):
         log.warning("%s: %s", args.config, warning)
-    return run(args.config)
+    try:
+        return run(args.config)
+    except ConfigError as exc:  # settings only `run` refuses (no [session], a Dask address…)
+        log.error("%s: %s", args.config, exc)
+        return 2

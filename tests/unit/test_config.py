@@ -143,3 +143,21 @@ def test_pixel_size_override_disagreeing_with_ctf_table_and_header_warns(
     config.write_text(config.read_text().replace("0.83", "1.005"))  # within 1 %
     assert main(["config", "check", str(config)]) == 0
     assert "disagrees" not in capsys.readouterr().err
+
+
+def test_run_warns_about_missing_folders_and_names_the_file_in_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    # Valid for `config check`, refused by `run` before anything starts (no Dask here).
+    config.write_text(
+        f"""[session]\nname = "s"\noutput = "{tmp_path / "out"}"\n
+[watch]\nmicrographs = ["{tmp_path}/nowhere/*.mrc"]\n
+[executor]\naddress = "tcp://scheduler:8786"\n"""
+    )
+    assert main(["run", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"warning: {config}: watch.micrographs[0]: folder {tmp_path}/nowhere does not exist"
+    )
+    assert f"error: {config}: executor.address: Dask executors are not available" in err
