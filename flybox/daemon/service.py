@@ -53,6 +53,7 @@ from flybox.daemon.work.queue import UnitRunner
 from flybox.errors import ConfigError
 from flybox.pipeline.inputs import DEFAULT_COORD_SUFFIXES
 from flybox.pipeline.job import JobWarnings
+from flybox.pipeline.matching import PatternMatches
 
 __all__ = ["Service", "check_settings", "run"]
 
@@ -172,6 +173,7 @@ class Service:
         self.patterns += [compile_pattern("coordinates", p) for p in _coordinate_patterns(config)]
         if self.watch.ctf is not None:
             self.patterns.append(compile_pattern("ctf", self.watch.ctf))
+        self.matched = PatternMatches(self.patterns)
         self.stems: dict[str, StemState] = {}
         self.intake = Intake(self)
         self._stop = asyncio.Event()
@@ -197,7 +199,8 @@ class Service:
 
     def status_snapshot(self) -> StatusEvent:
         """The current :class:`~flybox.daemon.telemetry.events.StatusEvent`."""
-        return self.progress.snapshot(self.state)
+        status = self.progress.snapshot(self.state)
+        return status.model_copy(update={"unmatched_patterns": self.matched.unmatched})
 
     def publish_status(self) -> None:
         """Publish the status now (and show it to systemd)."""

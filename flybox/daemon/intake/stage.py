@@ -90,6 +90,7 @@ class Intake:
 
     def observe(self, update: WatchUpdate) -> None:
         """Take in what the watcher saw: new files are tracked, changed ones looked at."""
+        self.service.matched.see(update.listing or (), update.hints)
         if update.listing is not None:
             for path, (kind, signature) in update.listing.items():
                 state = self.files.get(path)

@@ -110,6 +110,9 @@ class StatusReport(_Model):
     particles: dict[str, int] = Field(default_factory=dict)
     rates: Rates = Rates()
     backlog: Backlog = Backlog()
+    unmatched_patterns: list[str] = Field(
+        default_factory=list, description="[watch] patterns that have matched no file yet"
+    )
     last_micrographs: list[MicrographSummary] = Field(
         default_factory=list, description="newest first"
     )
@@ -186,6 +189,7 @@ class StatusAggregator:
             time=datetime.now(UTC),
             counts=status.counts,
             particles=status.particles,
+            unmatched_patterns=status.unmatched_patterns,
             rates=status.rates,
             backlog=status.backlog,
             last_micrographs=list(self._micrographs),
@@ -252,6 +256,8 @@ def render_status(report: StatusReport, *, width: int = 120) -> str:
         f"  backlog      {backlog.micrographs} micrographs, ~{_duration(backlog.seconds)} of "
         f"work, catch-up {catch_up}"
     )
+    for pattern in report.unmatched_patterns:
+        lines.append(f"  no file yet  {pattern}")
     if report.mqtt is not None:
         mqtt = report.mqtt
         link = "connected" if mqtt.connected else "DISCONNECTED"
