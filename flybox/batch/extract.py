@@ -19,14 +19,21 @@ from typing import Any
 
 import numpy.typing as npt
 
-from flybox.errors import FlyboxError, InputError, ProcessingError
+from flybox.errors import ConfigError, FlyboxError, InputError, ProcessingError
 from flybox.io.ctf import read_ctf
 from flybox.io.mrc import read_header
 from flybox.io.star import read_relion_star
 from flybox.pipeline.chain import ChainSpec
 from flybox.pipeline.inputs import CoordinateSource, MicrographSource, find_micrographs
-from flybox.pipeline.job import JobResult, MicrographJob, chain_for, commit_job, run_job
-from flybox.pipeline.layout import ParticleSet
+from flybox.pipeline.job import (
+    JobResult,
+    JobWarnings,
+    MicrographJob,
+    chain_for,
+    commit_job,
+    run_job,
+)
+from flybox.pipeline.layout import ParticleSet, project_folder
 from flybox.pipeline.matching import match_name, micrograph_stem
 from flybox.pipeline.workers import worker_pool
 from flybox.processors.coordinates import recenter_picks
@@ -58,6 +65,8 @@ class ExtractRequest:
         Overrides of the micrograph pixel size and the pixel size of the coordinates, in Å.
     float16
         Write stacks in mode 12.
+    project_dir
+        The project folder STAR paths are relative to (default: the working directory).
     """
 
     micrographs: str
@@ -72,6 +81,7 @@ class ExtractRequest:
     pixel_size_a: float | None = None
     picking_pixel_size_a: float | None = None
     float16: bool = False
+    project_dir: str | None = None
 
 
 @dataclass
@@ -94,23 +104,36 @@ class ExtractSummary:
     without_coordinates: int
     particles: dict[str, int]
     boxes: dict[str, int]
-    pixel_sizes: dict[str, float]
+    #: Image pixel size in Å per stream and optics group number.
+    pixel_sizes: dict[str, dict[int, float]]
     excluded: int
     seconds: float
+    normalisation: str | None = None
+
+    def _pixel_sizes(self, stream: str) -> str:
+        sizes = self.pixel_sizes.get(stream, {})
+        if not sizes:
+            return ""
+        if len(set(sizes.values())) == 1:
+            return f", {next(iter(sizes.values())):.4g} Å"
+        groups = ", ".join(f"optics group {g} {sizes[g]:.4g} Å" for g in sorted(sizes))
+        return f"; {groups}"
 
     def line(self) -> str:
         """The final one-line summary printed by ``flybox extract``."""
         streams = ", ".join(
-            f"{s} {self.particles.get(s, 0)} ({self.boxes[s]} px"
-            + (f", {self.pixel_sizes[s]:.4g} Å)" if s in self.pixel_sizes else ")")
+            f"{s} {self.particles.get(s, 0)} ({self.boxes[s]} px{self._pixel_sizes(s)})"
             for s in self.boxes
         )
         rate = self.micrographs / self.seconds if self.seconds > 0 else 0.0
+        noun = "micrograph" if self.micrographs == 1 else "micrographs"
         text = (
-            f"extracted {self.micrographs} micrographs: {streams}; "
+            f"extracted {self.micrographs} {noun}: {streams}; "
             f"{self.excluded} excluded at the border; {self.seconds:.2f} s, "
             f"{rate:.2f} micrographs/s"
         )
+        if self.normalisation:
+            text += f"; normalisation {self.normalisation}"
         if self.failed:
             text += f"; {len(self.failed)} failed"
         if self.without_coordinates:
@@ -160,7 +183,8 @@ def plan_extraction(request: ExtractRequest) -> ExtractPlan:
         For unusable inputs or settings (one line naming the file or key).
     """
     built = chain_for(request.chain)
-    source = find_micrographs(request.micrographs)
+    project_dir = str(project_folder(request.project_dir))
+    source = find_micrographs(request.micrographs, project_dir)
     ctfs = dict(source.ctfs)
     if request.ctf is not None:
         ctfs = read_ctf(request.ctf)
@@ -185,6 +209,7 @@ def plan_extraction(request: ExtractRequest) -> ExtractPlan:
             min_fom=request.min_fom,
             cs_flip_y=request.cs_flip_y,
         )
+    check_output_dir(request.output_dir)
     plan = ExtractPlan(jobs=[], output_dir=request.output_dir, streams=built.streams)
     stems: dict[str, str] = {}
     for entry in source.entries:
@@ -223,6 +248,7 @@ def plan_extraction(request: ExtractRequest) -> ExtractPlan:
                 pixel_size_a=request.pixel_size_a,
                 picking_pixel_size_a=request.picking_pixel_size_a,
                 float16=request.float16,
+                project_dir=project_dir,
             )
         )
     if built.requires_ctf:
@@ -232,6 +258,27 @@ def plan_extraction(request: ExtractRequest) -> ExtractPlan:
                 missing[0], f"no CTF found for {len(missing)} micrograph(s); give --ctf"
             )
     return plan
+
+
+def check_output_dir(path: str) -> None:
+    """Create the output folder if needed and make sure files can be written in it.
+
+    Raises
+    ------
+    ConfigError
+        ``-o``: one line saying why the folder cannot be used (a file by that name, no
+        permission, a read-only file system…).
+    """
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("-o", f"{path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".flybox-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError("-o", f"{path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def execute(
@@ -292,7 +339,7 @@ def run_extraction(
     from tqdm import tqdm
 
     started = time.perf_counter()
-    os.makedirs(plan.output_dir, exist_ok=True)
+    check_output_dir(plan.output_dir)
     results: dict[int, JobResult] = {}
     failed: list[str] = []
     # The pool first: its workers are forked before any thread starts (progress bar,
@@ -303,6 +350,7 @@ def run_extraction(
     # Commits (fsync + rename) run on their own thread, so that waiting for the disk never
     # delays handing the next micrograph to a worker.
     committer = futures.ThreadPoolExecutor(1, thread_name_prefix="flybox-commit")
+    warnings = JobWarnings()
     commits: list[futures.Future[None]] = []
     try:
         for index, outcome in execute(plan.jobs, pool, workers):
@@ -317,11 +365,14 @@ def run_extraction(
                 failed.append(message)
                 bar.write(message, file=sys.stderr)
             else:
+                warnings.report(outcome)
                 commits.append(committer.submit(commit_job, outcome))
                 results[index] = outcome
             bar.update(1)
         for commit in commits:
             commit.result()
+        if warnings.suppressed:
+            log.warning("%d more warnings like these", warnings.suppressed)
     finally:
         committer.shutdown(wait=True)
         bar.close()
@@ -329,7 +380,7 @@ def run_extraction(
             pool.shutdown(cancel_futures=True)
     sets = {stream: ParticleSet(plan.output_dir, stream) for stream in plan.streams}
     boxes = dict(plan.streams)
-    pixel_sizes: dict[str, float] = {}
+    pixel_sizes: dict[str, dict[int, float]] = {}
     excluded = 0
     for index in sorted(results):
         result = results[index]
@@ -339,9 +390,17 @@ def run_extraction(
             sets[stream].add(output.rows, job.optics, output.pixel_size_a, output.box)
             if output.count:
                 boxes[stream] = output.box
-                pixel_sizes[stream] = output.pixel_size_a
+                pixel_sizes.setdefault(stream, {})[job.optics.number] = output.pixel_size_a
     for particle_set in sets.values():
         particle_set.write()
+    missing = next((m for s in sets.values() if (m := s.missing_optics())), [])
+    if missing:
+        log.warning(
+            "the optics table has no %s: RELION 3.1 cannot read the particles without them; "
+            "give a micrographs STAR file with optics (e.g. CtfFind/jobNNN/micrographs_ctf.star) "
+            "or --ctf",
+            ", ".join(missing),
+        )
     return ExtractSummary(
         micrographs=len(results),
         failed=failed,
@@ -351,4 +410,11 @@ def run_extraction(
         pixel_sizes=pixel_sizes,
         excluded=excluded,
         seconds=time.perf_counter() - started,
+        normalisation=_normalisation(plan.jobs[0].chain) if plan.jobs else None,
     )
+
+
+def _normalisation(chain: ChainSpec) -> str:
+    """The normalisation method of a chain, as the summary states it."""
+    methods = [str(s.settings.get("method", "ramp")) for s in chain.steps if s.step == "normalize"]
+    return methods[0] if methods else "none"

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from flybox.errors import ConfigError, InputError, ProcessingError, StarFormatError
 from flybox.io.atomic import rename_into_place, temp_path_for
 from flybox.io.mrc import MrcInfo, StackWriter, read_header, read_stack, read_volume, write_volume
+from flybox.pipeline.layout import project_path, resolve_star_path
 from flybox.processors.mask import FillMode, MaskCache, MaskSettings, apply_mask, is_binary_mask
 
 if TYPE_CHECKING:  # pandas and the STAR code only for STAR inputs (0.2 s to import)
@@ -324,10 +325,8 @@ def _parse_image_names(star: Path, names: Iterable[str]) -> dict[str, _StackRefs
             raise StarFormatError(star, f"row {row + 1}: bad rlnImageName {text!r}")
         refs = groups.get(where)
         if refs is None:
-            candidates = [Path(where)] if os.path.isabs(where) else [star.parent / where]
-            candidates.append(Path(where))
-            path = next((c for c in candidates if c.is_file()), None)
-            if path is None:
+            path = resolve_star_path(where, star)
+            if path is None or not path.is_file():
                 raise StarFormatError(star, f"row {row + 1}: stack {where} not found")
             refs = groups[where] = _StackRefs(path, read_header(path), [], [])
             _check_square(refs.info)
@@ -448,7 +447,7 @@ def mask_particles_star(star_path: PathLike, output_dir: PathLike, masker: Maske
     path, or its base name for absolute/outside paths) holding the referenced images in STAR
     order. The new STAR, ``output_dir/<name of star_path>``, keeps every column, the optics
     table and the version; only ``rlnImageName`` changes (``NNNNNN@stack``, 1-based, relative
-    to ``output_dir``).
+    to the project folder, the working directory, as RELION reads it).
 
     Parameters
     ----------
@@ -486,7 +485,7 @@ def mask_particles_star(star_path: PathLike, output_dir: PathLike, masker: Maske
         pixel = _pixel_size(info, plan.pixel_size_a)
         _write_masked_images(target, data, indices, masker, info, pixel)
         for k, row in enumerate(refs.rows):
-            names[row] = f"{k + 1:06d}@{refs.output_name}"
+            names[row] = f"{k + 1:06d}@{project_path(target)}"
     blocks = dict(plan.blocks)
     blocks[plan.block] = rows.assign(rlnImageName=names)
     output = out_dir / plan.star.name

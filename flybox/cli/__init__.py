@@ -52,6 +52,17 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: not when its help already states it, and not when
+    there is none to show (``None``, ``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -95,7 +106,7 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
             name,
             help=command.help,
             description=getattr(module, "DESCRIPTION", command.help),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         module.add_arguments(p)
     return parser
@@ -119,6 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = module.run(args)
     except FlyboxError as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        # An environment problem flybox did not anticipate (permissions, a full disk…):
+        # one line naming the file, never a traceback.
+        where = exc.filename or "flybox"
+        log.error("%s: %s", where, exc.strerror or exc)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")

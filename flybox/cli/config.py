@@ -26,8 +26,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     problems = config_problems(args.file)
     for problem in problems:
-        print(f"{args.file}: {problem}", file=sys.stderr)
+        print(f"error: {args.file}: {problem}", file=sys.stderr)
     if problems:
         return 2
-    print(f"{args.file}: ok")
+    from flybox.config import load_config
+    from flybox.config.warnings import config_warnings
+
+    warnings = config_warnings(load_config(args.file))
+    for warning in warnings:
+        print(f"warning: {args.file}: {warning}", file=sys.stderr)
+    print(f"{args.file}: ok" + (f" ({len(warnings)} warnings)" if warnings else ""))
     return 0

@@ -112,6 +112,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     io.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     io.add_argument(
+        "--project-dir",
+        metavar="DIR",
+        help="the RELION project folder: every path written into a STAR file is relative to "
+        "it, as RELION reads them (default: the working directory)",
+    )
+    io.add_argument(
         "--float16",
         action="store_true",
         help="write stacks as float16 (MRC mode 12, RELION's rounding rules)",
@@ -123,7 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="take the chain ([[chain]]), [micrograph] and [output] settings from "
         "this TOML file instead of the processing options below",
     )
-    proc = p.add_argument_group("processing (ALGORITHMS.md gives every formula)")
+    proc = p.add_argument_group(
+        "processing (docs/conventions.md explains each convention and how to choose)"
+    )
     proc.add_argument(
         "--convention",
         choices=["relion", "xmipp"],
@@ -202,7 +210,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     proc.add_argument(
         "--norm",
         choices=["none", "whole", "background", "ramp"],
-        help="normalisation (default: ramp)",
+        help="normalisation (default: ramp, RELION's --norm with a plane fitted to the "
+        "background; note that relion_preprocess's own default is no normalisation)",
     )
     proc.add_argument(
         "--bg-radius",
@@ -345,7 +354,8 @@ def _picking_box(args: argparse.Namespace) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``flybox extract``; returns the exit status (1 when some micrographs failed)."""
+    """Run ``flybox extract``; returns the exit status (1 when some micrographs failed or no
+    particle was extracted)."""
     from flybox.batch.extract import ExtractRequest, plan_extraction, run_extraction
     from flybox.config import load_config
     from flybox.io.mrc import read_header
@@ -365,7 +375,10 @@ def run(args: argparse.Namespace) -> int:
         ]
         if given:
             raise ConfigError(given[0], "processing options cannot be combined with -c CONFIG")
-        config = load_config(args.config)
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            raise ConfigError(args.config, str(exc)) from exc
         chain = config.build_chain().spec
         pixel_size = pixel_size or config.micrograph.pixel_size
         picking_pixel_size = picking_pixel_size or config.micrograph.picking_pixel_size
@@ -406,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
                 pixel_size_a=pixel_size,
                 picking_pixel_size_a=picking_pixel_size,
                 float16=float16,
+                project_dir=args.project_dir,
             )
         )
     except BaseException:
@@ -416,4 +430,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s: no coordinates found; skipped", path)
     summary = run_extraction(plan, workers=args.workers, progress=not args.no_progress, pool=pool)
     print(summary.line())
+    if not any(summary.particles.values()):
+        log.error("no particle was extracted")
+        return 1
     return 1 if summary.failed else 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
+
+log = logging.getLogger("flybox")
 
 DESCRIPTION = (
     "Watch the [watch] folders and extract particles of every complete micrograph with picks "
@@ -28,6 +31,21 @@ def run(args: argparse.Namespace) -> int:
     # Until the service takes over SIGTERM/SIGINT (it then drains), a stop request while it
     # is still starting is a clean exit: nothing has been taken yet.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    from flybox.config import load_config
+    from flybox.config.warnings import config_warnings
     from flybox.daemon.service import run
+    from flybox.errors import ConfigError
 
-    return run(args.config)
+    try:
+        # Validated here too, so that errors and warnings name the file as `config check` does.
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log.error("%s: %s", args.config, exc)
+        return 2
+    for warning in config_warnings(config):
+        log.warning("%s: %s", args.config, warning)
+    try:
+        return run(args.config)
+    except ConfigError as exc:  # settings only `run` refuses (no [session], a Dask address…)
+        log.error("%s: %s", args.config, exc)
+        return 2

@@ -30,9 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Fetch and print the status; 1 when the service cannot be reached."""
     import shutil
+    from urllib.parse import urlsplit
 
     from flybox.daemon.telemetry.status import fetch_status, render_status
 
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        log.error(
+            "--url %s: not an http:// or https:// address (e.g. http://127.0.0.1:9464)", args.url
+        )
+        return 2
     token = args.token or os.environ.get("FLYBOX_TOKEN") or None
     try:
         report = fetch_status(args.url, token, timeout=args.timeout)

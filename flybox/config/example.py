@@ -13,7 +13,9 @@ EXAMPLE_CONFIG = """\
 
 [session]
 name = "krios1-2026-11-21"                       # letters, digits, . _ -
-output = "/data/flybox/krios1-2026-11-21"        # OUTPUT folder (RELION project folder)
+output = "/data/flybox/krios1-2026-11-21"        # OUTPUT folder
+# project_dir = "/data/krios1"   # RELION project folder: STAR paths are relative to it
+#                                # (default: the working directory at start)
 
 [watch]
 micrographs = ["/data/krios1/MotionCorr/**/*.mrc"]           # globs; ** = any folders
@@ -26,9 +28,10 @@ settle_seconds = 1.0       # a file must stop changing this long before it is us
 incomplete_timeout_seconds = 120   # an MRC still short of its header this long: quarantined
 pairing_timeout_seconds = 600      # report micrographs whose picks/CTF have not come (they wait)
 
-[micrograph]
-pixel_size = 0.83          # Å; default: from the MRC header
-picking_pixel_size = 3.32  # coordinates are rescaled when it differs
+[micrograph]               # optional overrides; leave them out unless the files are wrong
+# pixel_size = 0.83        # Å; default: the CTF table's, else the MRC header's
+# picking_pixel_size = 3.32  # Å of the coordinates (e.g. picked on binned micrographs);
+#                          # coordinates are rescaled when it differs
 
 # The processing chain, in order. Micrograph steps first (dust, phase_flip_micrograph,
 # descriptors), then extract, then particle steps; fourier_crop fans out into streams, and
@@ -57,11 +60,13 @@ convention = "relion"      # relion | xmipp (σ estimator, background set, ramp 
 [[chain]]
 step = "invert"
 
-[[chain]]
-step = "mask"
-shape = "raised_cosine"
-inner = 100                # for the extraction box; scaled to each stream
-outer = 120
+# RELION expects unmasked particles normalised to background mean 0, σ 1 (a mask makes the
+# background 0 and Class2D warns). To mask anyway, as the last step:
+# [[chain]]
+# step = "mask"
+# shape = "raised_cosine"
+# inner = 100              # for the extraction box; scaled to each stream
+# outer = 120
 
 [output]
 float16 = false            # true: MRC mode 12 with RELION's float16 rules
@@ -75,7 +80,7 @@ max_attempts = 3           # tries per micrograph when a worker dies or I/O fail
 [mqtt]                     # remove this section for no MQTT
 host = "127.0.0.1"
 port = 1883
-topic_prefix = "flybox/krios1"   # default: flybox/<session name>
+# topic_prefix = "flybox/krios1-2026-11-21"   # default: flybox/<session name>
 # username = "flybox"
 # password = "..."               # never logged
 # tls_ca = "/etc/flybox/broker-ca.crt"   # TLS: the broker's CA (port 8883 usually)

@@ -60,10 +60,18 @@ class _Section(BaseModel):
 
 
 class SessionConfig(_Section):
-    """``[session]``: the session's name and its output folder."""
+    """``[session]``: the session's name, its output folder and the project folder that paths
+    in STAR files are relative to (default: the working directory at start)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output: Path
+    project_dir: Path | None = None
+
+    def project_folder(self) -> Path:
+        """The project folder, absolute (``project_dir``, else the working directory)."""
+        from flybox.pipeline.layout import project_folder
+
+        return project_folder(self.project_dir)
 
 
 class WatchConfig(_Section):
@@ -298,9 +306,10 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except OSError as exc:
-        raise ConfigError(str(path), f"cannot read the configuration: {exc.strerror}") from exc
+        # No key: callers name the file (``FILE: problem``) once, for every problem alike.
+        raise ConfigError("", f"cannot read the configuration: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+        raise ConfigError("", f"not valid TOML: {exc}") from exc
 
 
 def parse_config(data: dict[str, Any]) -> FlyboxConfig:

@@ -57,6 +57,8 @@ from flybox.daemon.work.queue import ReadyQueue, UnitRunner
 from flybox.daemon.work.units import settings_description, settings_hash
 from flybox.errors import ConfigError
 from flybox.pipeline.inputs import DEFAULT_COORD_SUFFIXES
+from flybox.pipeline.job import JobWarnings
+from flybox.pipeline.matching import PatternMatches
 
 __all__ = ["Service", "check_settings", "run"]
 
@@ -149,6 +151,8 @@ class Service:
             raise ConfigError("watch.ctf", "the chain needs each micrograph's CTF; set its source")
         self.session = config.session.name
         self.output_dir = Path(config.session.output).absolute()
+        self.project_dir = config.session.project_folder()
+        self.job_warnings = JobWarnings()
         self.watch = config.watch
         self.bus = EventBus()
         self.notifier = notifier or Notifier()
@@ -162,6 +166,7 @@ class Service:
         if self.watch.ctf is not None:
             patterns.append(compile_pattern("ctf", self.watch.ctf))
         self.patterns = patterns
+        self.matched = PatternMatches(patterns)
         self.journal = JournalThread(self.output_dir / ".flybox" / "journal.sqlite")
         self._ready = ReadyQueue()
         self.intake = Intake(
@@ -174,6 +179,7 @@ class Service:
             journal=self.journal,
             events=self.bus,
             enqueue=self._ready.put,
+            on_seen=self.matched.see,
         )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -187,7 +193,8 @@ class Service:
     # ----------------------------------------------------------------------------- helpers
     def status_snapshot(self) -> StatusEvent:
         """The current :class:`~flybox.daemon.telemetry.events.StatusEvent`."""
-        return self.progress.snapshot(self.state)
+        status = self.progress.snapshot(self.state)
+        return status.model_copy(update={"unmatched_patterns": self.matched.unmatched})
 
     def emit_status(self) -> None:
         """Emit the status now (and show it to systemd)."""
@@ -245,6 +252,8 @@ class Service:
                     events=self.bus,
                     on_quarantine=self.intake.quarantine,
                     release_picks=self.intake.release_picks,
+                    project_dir=self.project_dir,
+                    job_warnings=self.job_warnings,
                 )
             )
             tasks = await stack.enter_async_context(asyncio.TaskGroup())

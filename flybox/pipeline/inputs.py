@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +20,7 @@ import pandas as pd
 from flybox.errors import InputError
 from flybox.io.coords import read_coordinates
 from flybox.io.ctf import read_micrographs_star
+from flybox.pipeline.layout import resolve_star_path
 from flybox.pipeline.matching import match_name, micrograph_stem
 from flybox.types import CtfParams, OpticsGroup
 
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+_RELION_JOB = re.compile(r"job\d{3,}")
 
 #: Suffixes tried beside each micrograph when ``--coord-suffix`` is not given.
 DEFAULT_COORD_SUFFIXES = (
@@ -62,11 +66,12 @@ class MicrographSource:
     ctfs: dict[str, CtfParams] = field(default_factory=dict)
 
 
-def find_micrographs(spec: str) -> MicrographSource:
+def find_micrographs(spec: str, project_dir: str | None = None) -> MicrographSource:
     """Micrographs from a glob or a RELION micrographs STAR file.
 
-    Paths in a STAR file are taken as written when they exist (RELION's project-relative
-    convention), otherwise relative to the STAR file's folder.
+    Paths in a STAR file are relative to the project folder (``project_dir``, default: the
+    working directory; RELION's convention) or, when not found there, to the STAR file's folder
+    (:func:`flybox.pipeline.layout.resolve_star_path`).
 
     Raises
     ------
@@ -77,10 +82,10 @@ def find_micrographs(spec: str) -> MicrographSource:
         rows, groups, ctfs = read_micrographs_star(spec)
         default = OpticsGroup()
         entries = []
-        base = Path(spec).parent
         for _, row in rows.iterrows():
             name = str(row["rlnMicrographName"])
-            path = name if os.path.exists(name) or os.path.isabs(name) else str(base / name)
+            found = resolve_star_path(name, spec, project_dir)
+            path = str(found) if found is not None else name
             number = int(row["rlnOpticsGroup"]) if "rlnOpticsGroup" in rows else 1
             entries.append(MicrographEntry(path, name, groups.get(number, default), ctfs.get(name)))
         if not entries:
@@ -154,11 +159,14 @@ class CoordinateSource:
         if "" in self.files:
             folder = self.files[""]
             without_ext = os.path.splitext(name)[0]
+            bases = [stem, without_ext]
+            # RELION's AutoPick/jobNNN/ keeps the micrograph's path without its own job folder:
+            # MotionCorr/job002/Movies/a.mrc → AutoPick/job004/Movies/a_autopick.star.
+            parts = Path(without_ext).parts
+            if len(parts) > 2 and _RELION_JOB.fullmatch(parts[1]):
+                bases.append(str(Path(*parts[2:])))
             for suffix in self.suffixes:
-                for candidate in (
-                    os.path.join(folder, stem + suffix),
-                    os.path.join(folder, without_ext + suffix),
-                ):
+                for candidate in (os.path.join(folder, base + suffix) for base in bases):
                     if os.path.isfile(candidate):
                         return candidate, None
             return None, None

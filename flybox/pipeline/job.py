@@ -10,6 +10,7 @@ step in the daemon. A job that fails leaves nothing under a final name.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from flybox.io.fftw_wisdom import FileWisdomStore, default_wisdom_path
 from flybox.io.mrc import StackWriter, read_micrograph
 from flybox.io.star import format_star_block
 from flybox.pipeline.chain import Chain, ChainSpec
-from flybox.pipeline.layout import optics_table, particle_rows, stream_paths
+from flybox.pipeline.checks import outside_picks_warning, pixel_size_warning
+from flybox.pipeline.layout import optics_table, particle_rows, project_path, stream_paths
 from flybox.processors.base import Micrograph
 from flybox.processors.coordinates import rescale_coordinates
 from flybox.processors.fft import use_wisdom_store
@@ -33,6 +35,7 @@ from flybox.types import CtfParams, OpticsGroup
 
 __all__ = [
     "JobResult",
+    "JobWarnings",
     "MicrographJob",
     "StreamOutput",
     "chain_for",
@@ -71,6 +74,9 @@ class MicrographJob:
         Pixel size the coordinates refer to; coordinates are rescaled when it differs.
     float16
         Write stacks in mode 12 with RELION's float16 rules.
+    project_dir
+        The project folder: paths in STAR rows are relative to it (default: the working
+        directory of the worker, which is the one of the process that started it).
     stem
         Output file stem; default: the micrograph file's stem.
     chunk_size
@@ -91,6 +97,7 @@ class MicrographJob:
     pixel_size_a: float | None = None
     picking_pixel_size_a: float | None = None
     float16: bool = False
+    project_dir: str | None = None
     stem: str | None = None
     chunk_size: int = 32
 
@@ -127,11 +134,35 @@ class JobResult:
     seconds: float
     pixel_size_a: float
     stats: dict[str, float] = field(default_factory=dict)
+    #: One-line warnings about settings that probably lose particles (a pixel size that
+    #: disagrees with the header, most picks outside the micrograph); the caller logs them.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def particles(self) -> int:
         """Particles written per stream (the same for every stream)."""
         return max((s.count for s in self.streams.values()), default=0)
+
+
+class JobWarnings:
+    """Logs the warnings of job results, each distinct one once (a wrong pixel size would
+    otherwise be reported for every micrograph), and at most ``limit`` of them."""
+
+    def __init__(self, limit: int = 10) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+        self.suppressed = 0
+
+    def report(self, result: JobResult) -> list[str]:
+        """Log the new warnings of ``result``; returns them."""
+        new = [w for w in dict.fromkeys(result.warnings) if w not in self.seen]
+        for warning in new:
+            self.seen.add(warning)
+            if len(self.seen) <= self.limit:
+                log.warning("%s", warning)
+            else:
+                self.suppressed += 1
+        return new
 
 
 _chains: dict[str, Chain] = {}
@@ -176,6 +207,8 @@ def use_disk_wisdom() -> None:
 
 _wisdom_on_disk = False
 
+log = logging.getLogger(__name__)
+
 
 def run_job(job: MicrographJob) -> JobResult:
     """Process one micrograph; outputs are left under temporary names.
@@ -197,6 +230,24 @@ def run_job(job: MicrographJob) -> JobResult:
     if chain.requires_ctf and (job.ctf is None or not job.ctf.complete):
         raise ProcessingError(job.micrograph, "the chain needs a CTF (voltage, Cs, Q0, defocus)")
     picks = _load_picks(job, pixel_size)
+    warnings = [
+        warning
+        for warning in (
+            pixel_size_warning(
+                job.pixel_size_a, info.pixel_size_a, "the pixel size", "the MRC header"
+            ),
+            pixel_size_warning(
+                job.pixel_size_a,
+                job.optics.micrograph_pixel_size_a,
+                "the pixel size",
+                "the micrographs STAR / CTF table",
+            ),
+            outside_picks_warning(
+                picks, (image.shape[-2], image.shape[-1]), job.micrograph, job.picking_pixel_size_a
+            ),
+        )
+        if warning is not None
+    ]
     micrograph = chain.prepare(Micrograph(image, pixel_size, job.name, picks, job.ctf))
     picks = micrograph.picks
 
@@ -241,11 +292,17 @@ def run_job(job: MicrographJob) -> JobResult:
 
     outputs: dict[str, StreamOutput] = {}
     for stream in chain.streams:
-        stack_final, star_final, relative_stack = folder_paths[stream]
+        stack_final, star_final, _ = folder_paths[stream]
         box = boxes[stream]
         pixel = pixel_sizes.get(stream, pixel_size * chain.extraction_box / box)
         table = pd.concat(tables[stream], ignore_index=True) if tables[stream] else pd.DataFrame()
-        rows = particle_rows(table, relative_stack, job.optics.number, job.ctf)
+        rows = particle_rows(
+            table,
+            project_path(stack_final, job.project_dir),
+            job.optics.number,
+            job.ctf,
+            micrograph_name=project_path(job.micrograph, job.project_dir),
+        )
         star_temp = None
         if len(rows):
             optics = optics_table([job.optics], pixel, box)
@@ -274,6 +331,7 @@ def run_job(job: MicrographJob) -> JobResult:
         seconds=time.perf_counter() - started,
         pixel_size_a=pixel_size,
         stats={k: float(v) for k, v in stats.items() if np.isfinite(v)},
+        warnings=warnings,
     )
 
 

@@ -8,8 +8,12 @@
     OUT/Particles/<mic>.star             that micrograph's rows
     OUT/ParticlesSmall/<mic>.mrcs
 
-``rlnImageName`` is ``NNNNNN@<StreamFolder>/<mic>.mrcs`` (1-based, relative to ``OUT``), so
-``OUT`` is the RELION project folder for these files.
+Every path written into a STAR file (``rlnImageName`` = ``NNNNNN@<path of the stack>``,
+1-based, and ``rlnMicrographName``) is relative to the **project folder**, as RELION resolves
+them: the working directory, or ``--project-dir`` / ``[session] project_dir``
+(:func:`project_path`). Paths outside the project folder are written absolute. Reading accepts
+both conventions found in the field: relative to the project folder, or to the STAR file's own
+folder (:func:`resolve_star_path`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ __all__ = [
     "ParticleSet",
     "optics_table",
     "particle_rows",
+    "project_folder",
+    "project_path",
+    "resolve_star_path",
     "stream_folder",
     "stream_paths",
     "stream_star_name",
@@ -38,6 +45,51 @@ __all__ = [
 #: Leading columns of a particle row, in this order when present.
 _LEADING = ("rlnCoordinateX", "rlnCoordinateY")
 _AFTER_PICKS = ("rlnImageName", "rlnMicrographName", "rlnOpticsGroup")
+
+
+def project_folder(project_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The project folder: ``project_dir`` when given, else the working directory (absolute)."""
+    return Path(os.path.abspath(project_dir if project_dir is not None else os.getcwd()))
+
+
+def project_path(
+    path: str | os.PathLike[str], project_dir: str | os.PathLike[str] | None = None
+) -> str:
+    """How ``path`` is written into a STAR file: relative to the project folder when inside it
+    (``Extract/job005/Particles/mic.mrcs``), absolute otherwise.
+
+    Parameters
+    ----------
+    path
+        A file path, absolute or relative to the working directory.
+    project_dir
+        The project folder (default: the working directory).
+    """
+    project = project_folder(project_dir)
+    absolute = Path(os.path.abspath(path))
+    if absolute == project or project in absolute.parents:
+        return absolute.relative_to(project).as_posix()
+    return absolute.as_posix()
+
+
+def resolve_star_path(
+    name: str,
+    star_file: str | os.PathLike[str],
+    project_dir: str | os.PathLike[str] | None = None,
+) -> Path | None:
+    """Find a file named in a STAR file: absolute, relative to the project folder (RELION's
+    convention), or relative to the STAR file's folder (files moved with their STAR file).
+
+    Returns
+    -------
+    Path or None
+        The first candidate that exists, ``None`` when none does.
+    """
+    if os.path.isabs(name):
+        candidates = [Path(name)]
+    else:
+        candidates = [project_folder(project_dir) / name, Path(star_file).parent / name]
+    return next((c for c in candidates if c.exists()), None)
 
 
 def stream_star_name(stream: str) -> str:
@@ -55,7 +107,7 @@ def stream_paths(
     -------
     stack, star, relative_stack
         Absolute-or-as-given stack path, per-micrograph STAR path, and the stack path relative
-        to ``output_dir`` (used in ``rlnImageName``).
+        to ``output_dir`` (the journal's name for it; STAR files use :func:`project_path`).
     """
     folder = stream_folder(stream)
     relative = f"{folder}/{stem}.mrcs"
@@ -64,13 +116,18 @@ def stream_paths(
 
 
 def particle_rows(
-    table: pd.DataFrame, relative_stack: str, optics_group: int, ctf: CtfParams | None
+    table: pd.DataFrame,
+    stack_name: str,
+    optics_group: int,
+    ctf: CtfParams | None,
+    micrograph_name: str | None = None,
 ) -> pd.DataFrame:
     """STAR rows for the particles of one stack, in output column order.
 
-    Coordinates first, then the picker's columns, ``rlnImageName`` (1-based), micrograph name,
-    optics group, the CTF columns (unless the rows already carry per-particle CTF values), and
-    flybox's own ``flybox*`` columns last.
+    Coordinates first, then the picker's columns, ``rlnImageName`` (``NNNNNN@stack_name``,
+    1-based), micrograph name (``micrograph_name`` when given, else the table's), optics
+    group, the CTF columns (unless the rows already carry per-particle CTF values), and
+    flybox's own ``flybox*`` columns last. Give both names as :func:`project_path` writes them.
     """
     n = len(table)
     present = list(table.columns)
@@ -79,9 +136,11 @@ def particle_rows(
     columns: dict[str, object] = {c: table[c].to_numpy() for c in _LEADING if c in table}
     columns.update({c: table[c].to_numpy() for c in present if c not in skipped})
     columns["rlnImageName"] = np.array(
-        [f"{i:06d}@{relative_stack}" for i in range(1, n + 1)], dtype=object
+        [f"{i:06d}@{stack_name}" for i in range(1, n + 1)], dtype=object
     )
-    if "rlnMicrographName" in table:
+    if micrograph_name is not None:
+        columns["rlnMicrographName"] = np.full(n, micrograph_name, dtype=object)
+    elif "rlnMicrographName" in table:
         columns["rlnMicrographName"] = table["rlnMicrographName"].to_numpy(dtype=object)
     columns["rlnOpticsGroup"] = np.full(n, optics_group, dtype=np.int64)
     if ctf is not None and not any(c in table.columns for c in CTF_STAR_COLUMNS):
@@ -158,6 +217,15 @@ class ParticleSet:
         self._pixel[group.number] = (pixel_size_a, box)
         self._chunks.append(rows)
         self.count += len(rows)
+
+    def missing_optics(self) -> list[str]:
+        """Optics columns RELION 3.1 needs to read the file at all (voltage, Cs, Q0) that are
+        unknown for some group: with a glob of micrographs and no CTF table, nothing says."""
+        needed = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+        table = self.optics()
+        if table.empty:
+            return []
+        return [c for c in needed if c not in table or bool(table[c].isna().any())]
 
     def optics(self) -> pd.DataFrame:
         """The ``data_optics`` table of the set."""

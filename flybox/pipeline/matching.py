@@ -12,10 +12,10 @@ matches a micrograph path by, in order:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Generic, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Generic, Protocol, TypeVar
 
-__all__ = ["NameIndex", "match_name", "micrograph_stem"]
+__all__ = ["NameIndex", "PatternMatches", "match_name", "micrograph_stem"]
 
 T = TypeVar("T")
 
@@ -60,3 +60,33 @@ class NameIndex(Generic[T]):
 def match_name(mapping: Mapping[str, T], path: str) -> T | None:
     """One lookup by the module's rule (build a :class:`NameIndex` for many)."""
     return NameIndex(mapping).lookup(path)
+
+
+class _Pattern(Protocol):
+    @property
+    def pattern(self) -> str: ...
+
+    def matches(self, path: str) -> bool: ...
+
+
+class PatternMatches:
+    """Which watched patterns have matched a file yet (a typo in a ``[watch]`` glob otherwise
+    shows only as a session that never starts)."""
+
+    def __init__(self, patterns: Iterable[_Pattern]) -> None:
+        self._waiting = list(patterns)
+
+    def see(self, *groups: Iterable[str]) -> None:
+        """Note files seen (any iterables of paths)."""
+        for paths in groups:
+            if not self._waiting:
+                return
+            for path in paths:
+                self._waiting = [p for p in self._waiting if not p.matches(path)]
+                if not self._waiting:
+                    return
+
+    @property
+    def unmatched(self) -> list[str]:
+        """The patterns that have matched nothing so far."""
+        return [p.pattern for p in self._waiting]

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numba
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field
@@ -38,6 +37,7 @@ from pydantic import Field
 from flybox.errors import ConfigError
 from flybox.processors.base import Micrograph, MicrographProcessor, StepSettings
 from flybox.processors.fft import irfftn_last, rfftn_last
+from flybox.processors.jit import njit
 
 __all__ = [
     "DescriptorsSettings",
@@ -53,7 +53,7 @@ _BINS = 256
 _CHUNK_ROWS = 256
 
 
-@numba.njit(cache=True)
+@njit()
 def _block_sums(
     image: Any, h: int, n_rows: int, n_cols: int, shift: float
 ) -> tuple[Any, Any]:  # pragma: no cover - compiled
@@ -76,7 +76,7 @@ def _block_sums(
     return s1, s2
 
 
-@numba.njit(cache=True)
+@njit()
 def _histogram(
     values: Any, lo: float, hi: float, row_weights: Any, col_weights: Any, counts: Any
 ) -> None:  # pragma: no cover - compiled

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numba
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
 from flybox.processors.base import Micrograph, MicrographProcessor, StepSettings
+from flybox.processors.jit import njit
 
 __all__ = ["DustSettings", "DustStep", "remove_dust_relion", "remove_dust_xmipp"]
 
 FloatArray = npt.NDArray[np.float32]
 
 
-@numba.njit(cache=True)
+@njit()
 def _image_stats(image: Any) -> tuple[float, float]:  # pragma: no cover - compiled
     # Xmipp's computeStats: sequential double sums; the n/(n-1) factor is integer arithmetic
     # there (1 for n > 2), so this is σ_pop; |var| guards against round-off (as Xmipp does).
@@ -43,7 +43,7 @@ def _image_stats(image: Any) -> tuple[float, float]:  # pragma: no cover - compi
     return mean, np.sqrt(np.abs(total2 / n - mean * mean))
 
 
-@numba.njit(cache=True)
+@njit()
 def _outliers(image: Any, low: float, high: float) -> Any:  # pragma: no cover - compiled
     ny, nx = image.shape
     count = 0
@@ -63,7 +63,7 @@ def _outliers(image: Any, low: float, high: float) -> Any:  # pragma: no cover -
     return flagged
 
 
-@numba.njit(cache=True)
+@njit()
 def _bound_median(
     image: Any, low: float, high: float, flagged: Any
 ) -> tuple[Any, Any]:  # pragma: no cover - compiled

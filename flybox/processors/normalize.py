@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar, Literal
 
-import numba
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
@@ -45,6 +44,7 @@ from pydantic import Field
 
 from flybox.errors import ConfigError
 from flybox.processors.base import ParticleProcessor, ParticleStack, StepSettings, scaled_radius
+from flybox.processors.jit import njit
 from flybox.types import ImageStats
 
 __all__ = [
@@ -144,7 +144,7 @@ def _geometry(box: int, radius: int, inclusive: bool, whole: bool) -> _Geometry:
     )
 
 
-@numba.njit(cache=True, fastmath=True)
+@njit(fastmath=True)
 def _background_sums(
     image: npt.NDArray[np.float32],
     inside_start: npt.NDArray[np.int64],
@@ -181,7 +181,7 @@ def _background_sums(
     return s0, s1, s2, s3
 
 
-@numba.njit(cache=True, fastmath=True)
+@njit(fastmath=True)
 def _image_sums(
     image: npt.NDArray[np.float32], sums: npt.NDArray[np.float64]
 ) -> None:  # pragma: no cover
@@ -201,7 +201,7 @@ def _image_sums(
     sums[2] = ref
 
 
-@numba.njit(cache=True, fastmath=True)
+@njit(fastmath=True)
 def _min_max(image: npt.NDArray[np.float32]) -> tuple[float, float]:  # pragma: no cover
     low = np.float32(np.inf)
     high = np.float32(-np.inf)
@@ -212,7 +212,7 @@ def _min_max(image: npt.NDArray[np.float32]) -> tuple[float, float]:  # pragma: 
     return np.float64(low), np.float64(high)
 
 
-@numba.njit(cache=True)
+@njit()
 def _normalize_batch(
     images: npt.NDArray[np.float32],
     inside_start: npt.NDArray[np.int64],
@@ -307,7 +307,7 @@ def _normalize_batch(
         _substitute_sums(target, mask, value, sums[k])
 
 
-@numba.njit(cache=True, fastmath=True)
+@njit(fastmath=True)
 def _row_sum(row: npt.NDArray[np.float32]) -> float:  # pragma: no cover - compiled
     total = 0.0
     for c in range(row.size):
@@ -315,7 +315,7 @@ def _row_sum(row: npt.NDArray[np.float32]) -> float:  # pragma: no cover - compi
     return total
 
 
-@numba.njit(cache=True, fastmath=True)
+@njit(fastmath=True)
 def _row_removed_sum(
     row: npt.NDArray[np.float32], mask_row: npt.NDArray[np.float32]
 ) -> float:  # pragma: no cover - compiled
@@ -325,7 +325,7 @@ def _row_removed_sum(
     return total
 
 
-@numba.njit(cache=True, fastmath=True)
+@njit(fastmath=True)
 def _substitute_sums(
     image: npt.NDArray[np.float32],
     mask: npt.NDArray[np.float32],

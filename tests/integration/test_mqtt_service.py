@@ -157,9 +157,7 @@ def test_a_broker_stopped_for_20_micrographs_mid_stream_loses_no_event(tmp_path:
                     broker.stop()
                     stopped_at = len(acquisition.written)
                     # The outage lasts while 20 micrographs arrive (about 20 s at 60 per minute).
-                    _wait_for(
-                        lambda: len(acquisition.written) - stopped_at >= 20, 60, "the outage"
-                    )
+                    _wait_for(lambda: len(acquisition.written) - stopped_at >= 20, 60, "the outage")
                     during = len(acquisition.written) - stopped_at
                     broker.start()
                 finally:

@@ -172,8 +172,8 @@ def test_star_files_carry_relion_geometry_and_optics(project: Path) -> None:
         ours["particles"]["rlnCoordinateY"], relion["particles"]["rlnCoordinateY"], atol=1e-4
     )
     assert list(ours["particles"]["rlnImageName"][:2]) == [
-        "000001@Particles/mic000.mrcs",
-        "000002@Particles/mic000.mrcs",
+        "000001@flybox_star/Particles/mic000.mrcs",  # relative to the project folder
+        "000002@flybox_star/Particles/mic000.mrcs",
     ]
     np.testing.assert_allclose(ours["particles"]["rlnDefocusU"], relion["particles"]["rlnDefocusU"])
     optics = ours["optics"].iloc[0]
@@ -185,7 +185,10 @@ def test_star_files_carry_relion_geometry_and_optics(project: Path) -> None:
     small_optics = small["optics"].iloc[0]
     assert small_optics["rlnImageSize"] == SMALL
     assert small_optics["rlnImagePixelSize"] == pytest.approx(1.5 * BOX / SMALL)
-    assert small["particles"]["rlnImageName"].iloc[0] == "000001@ParticlesSmall/mic000.mrcs"
+    assert (
+        small["particles"]["rlnImageName"].iloc[0]
+        == "000001@flybox_star/ParticlesSmall/mic000.mrcs"
+    )
 
 
 REAL_MIC = "micrograph_cleaner_em/micrograph_cleaner_em/tests/data/mics/Ucsf_stack_1142_DW.mrc"

@@ -19,11 +19,18 @@ def test_example_configuration_is_valid_and_has_the_contract_keys() -> None:
     assert config.session.name == "krios1-2026-11-21"
     assert config.watch is not None
     assert config.watch.mode == "auto"
-    assert config.micrograph.picking_pixel_size == 3.32
+    # Optional overrides are shown commented out: the files' own pixel sizes are used.
+    assert config.micrograph.pixel_size is None
+    assert config.micrograph.picking_pixel_size is None
     assert config.build_chain().streams == {"particles": 256, "particles_small": 64}
+    # RELION-normalised and unmasked: what Class2D expects.
+    steps = [step["step"] for step in config.chain]
+    assert "mask" not in steps
+    assert "normalize" in steps
     assert config.executor.workers == 2
     assert config.mqtt is not None
-    assert config.mqtt.topic_prefix == "flybox/krios1"
+    assert config.mqtt.topic_prefix is None  # default: flybox/<session name>
+    assert '# topic_prefix = "flybox/krios1-2026-11-21"' in EXAMPLE_CONFIG
     assert config.http.port == 9464
     assert config.http.is_loopback
 
@@ -82,13 +89,75 @@ def test_config_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     good = tmp_path / "good.toml"
     good.write_text(example)
     assert main(["config", "check", str(good)]) == 0
-    assert capsys.readouterr().out.strip().endswith(": ok")
+    captured = capsys.readouterr()
+    # The example's /data folders do not exist here: valid, with one warning per pattern.
+    assert captured.out.strip() == f"{good}: ok (3 warnings)"
+    assert f"warning: {good}: watch.micrographs[0]: folder /data/krios1/MotionCorr" in captured.err
+    assert f"warning: {good}: watch.ctf: /data/krios1/CtfFind/micrographs_ctf.star" in captured.err
     bad = tmp_path / "bad.toml"
     bad.write_text("[executor]\nworkers = -1\n")
     assert main(["config", "check", str(bad)]) == 2
-    assert "executor.workers" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"error: {bad}: executor.workers")
 
 
 def test_non_loopback_listener_is_detected() -> None:
     assert not parse_config({"http": {"listen": "0.0.0.0:9464"}}).http.is_loopback
     assert parse_config({"http": {"listen": "[::1]:9464"}}).http.is_loopback
+
+
+def test_config_errors_name_the_file_once_in_check_run_and_extract(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.toml"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[executor]\nworkers = -1\n")
+    for path, problem in ((missing, "cannot read the configuration"), (bad, "executor.workers")):
+        for argv in (
+            ["config", "check", str(path)],
+            ["run", "-c", str(path)],
+            ["extract", "--micrographs", "x.mrc", "-o", str(tmp_path / "o"), "-c", str(path)],
+        ):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {path}: {problem}"), (argv, err)
+            assert err.count(str(path)) == 1, (argv, err)
+
+
+def test_pixel_size_override_disagreeing_with_ctf_table_and_header_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flybox.sim.microscope import write_dataset
+
+    star = write_dataset(tmp_path / "p", 1, shape=128, n_particles=4, pixel_size_a=1.0)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"""[session]\nname = "s"\noutput = "{tmp_path / "out"}"\n
+[watch]\nmicrographs = ["{tmp_path}/p/Micrographs/*.mrc"]\nctf = "{star}"\n
+[micrograph]\npixel_size = 0.83\n"""
+    )
+    assert main(["config", "check", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "micrograph.pixel_size = 0.83 Å disagrees with the CTF table" in err
+    assert "micrograph.pixel_size = 0.83 Å disagrees with the MRC header" in err
+    assert "17%" in err
+    config.write_text(config.read_text().replace("0.83", "1.005"))  # within 1 %
+    assert main(["config", "check", str(config)]) == 0
+    assert "disagrees" not in capsys.readouterr().err
+
+
+def test_run_warns_about_missing_folders_and_names_the_file_in_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    # Valid for `config check`, refused by `run` before anything starts (no Dask here).
+    config.write_text(
+        f"""[session]\nname = "s"\noutput = "{tmp_path / "out"}"\n
+[watch]\nmicrographs = ["{tmp_path}/nowhere/*.mrc"]\n
+[executor]\naddress = "tcp://scheduler:8786"\n"""
+    )
+    assert main(["run", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"warning: {config}: watch.micrographs[0]: folder {tmp_path}/nowhere does not exist"
+    )
+    assert f"error: {config}: executor.address: Dask executors are not available" in err

@@ -68,6 +68,7 @@ class Session:
             picks=table,
             optics=GROUP,
             pixel_size_a=pixel_size_a,
+            project_dir=str(self.output),
         )
         unit = self.journal.add_unit(stem, str(path), f"key-{stem}-{picks}-{seed}", {})
         return unit, run_job(job)

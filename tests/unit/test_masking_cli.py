@@ -115,8 +115,14 @@ def _assert_star_preserved(source: Path, output: Path, block: str) -> pd.DataFra
 
 
 def test_relion_particles_star_keeps_every_column_and_points_at_new_stacks(
-    real_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    real_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Input paths are relative to the input STAR's folder (not the project folder); outputs
+    # are written relative to the project folder (the working directory), as RELION reads them.
+    monkeypatch.chdir(tmp_path)
     source = real_data / RELION_EXTRACT
     out = tmp_path / "masked"
     status, _, err = flybox_mask(
@@ -124,8 +130,9 @@ def test_relion_particles_star_keeps_every_column_and_points_at_new_stacks(
     )
     assert status == 0, err
     rows = _assert_star_preserved(source, out / "particles.star", "particles")
-    assert rows["rlnImageName"].iloc[0] == "000001@Extract/Micrographs/Ucsf_stack_1142_DW.mrcs"
-    assert rows["rlnImageName"].iloc[-1] == "000045@Extract/Micrographs/Ucsf_stack_1142_DW.mrcs"
+    stack = "masked/Extract/Micrographs/Ucsf_stack_1142_DW.mrcs"
+    assert rows["rlnImageName"].iloc[0] == f"000001@{stack}"
+    assert rows["rlnImageName"].iloc[-1] == f"000045@{stack}"
     new, info = read_stack(out / "Extract/Micrographs/Ucsf_stack_1142_DW.mrcs")
     old, old_info = read_stack(source.parent / "Extract/Micrographs/Ucsf_stack_1142_DW.mrcs")
     mask = mask_2d(64, MaskSettings(shape="raised_crown", outer=25, decay=4))
@@ -134,8 +141,12 @@ def test_relion_particles_star_keeps_every_column_and_points_at_new_stacks(
 
 
 def test_star_with_two_optics_groups_and_unset_header_pixel_size(
-    real_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    real_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     source = real_data / ASPIRE_STAR
     status, _, err = flybox_mask(
         capsys, source, "-o", tmp_path, "--shape", "box", "--size", "120", "--fill", "max"
@@ -153,8 +164,9 @@ def test_star_with_two_optics_groups_and_unset_header_pixel_size(
 
 
 def test_relion30_star_subset_from_two_stacks_in_any_order(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(5)
     project = tmp_path / "project"
     (project / "Extract").mkdir(parents=True)
@@ -179,17 +191,17 @@ def test_relion30_star_subset_from_two_stacks_in_any_order(
     assert not (out / "subset.star").read_text().startswith("# version")
     rows = _assert_star_preserved(source, out / "subset.star", "")
     assert rows["rlnImageName"].tolist() == [
-        "000001@Extract/b.mrcs",
-        "000001@Extract/a.mrcs",
-        "000002@Extract/b.mrcs",
-        "000002@Extract/a.mrcs",
-        "000003@Extract/a.mrcs",
+        "000001@out/Extract/b.mrcs",
+        "000001@out/Extract/a.mrcs",
+        "000002@out/Extract/b.mrcs",
+        "000002@out/Extract/a.mrcs",
+        "000003@out/Extract/a.mrcs",
     ]
     mask = mask_2d(32, MaskSettings(shape="circular", radius=9))
     for name, k in refs:
         new_name = rows["rlnImageName"].tolist()[refs.index((name, k))]
         index, path = new_name.split("@")
-        new, _ = read_stack(out / path)
+        new, _ = read_stack(tmp_path / path)
         np.testing.assert_array_equal(new[int(index) - 1], stacks[name][k - 1] * mask)
 
 

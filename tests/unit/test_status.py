@@ -165,3 +165,31 @@ def test_flybox_status_says_in_one_line_when_nothing_answers(
     assert captured.out == ""
     (line,) = captured.err.strip().splitlines()
     assert line.startswith(f"error: {url}/api/status: cannot reach flybox (")
+
+
+def test_status_names_patterns_without_files_and_no_unmeasured_latency() -> None:
+    from flybox.daemon.intake.watch import compile_pattern
+    from flybox.pipeline.matching import PatternMatches
+
+    patterns = [
+        compile_pattern("micrograph", "/d/MotionCorr/**/*.mrc"),
+        compile_pattern("coordinates", "/d/AutoPick/*_autopick.star"),
+    ]
+    matched = PatternMatches(patterns)
+    matched.see(["/d/MotionCorr/job002/Movies/a.mrc"], {})
+    assert matched.unmatched == ["/d/AutoPick/*_autopick.star"]
+
+    def status() -> StatusEvent:
+        return _status().model_copy(update={"unmatched_patterns": matched.unmatched})
+
+    aggregator = StatusAggregator(status)
+    aggregator.observe(_mic(1).model_copy(update={"latency_seconds": 0.0}))
+    aggregator.observe(_mic(2).model_copy(update={"latency_seconds": 0.18}))
+    text = render_status(aggregator.report())
+    assert "no file yet  /d/AutoPick/*_autopick.star" in text
+    assert "MotionCorr" not in text
+    assert "latency 0 s" not in text
+    assert "mic001  300/300 particles  10 at border" in text
+    assert "mic002  300/300 particles  latency 0.18 s" in text
+    matched.see(["/d/AutoPick/a_autopick.star"])
+    assert matched.unmatched == []

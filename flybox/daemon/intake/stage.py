@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -84,6 +84,8 @@ class Intake:
         Where quarantine and missing-input events go.
     enqueue
         Called with a stem whose unit is queued: the seam to the work stage.
+    on_seen
+        Called with every listing and hints the watcher reports (which patterns matched).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class Intake:
         journal: JournalThread,
         events: EventBus,
         enqueue: Callable[[str], None],
+        on_seen: Callable[[Iterable[str], Iterable[str]], None] | None = None,
     ) -> None:
         self.watch = watch
         self.patterns = list(patterns)
@@ -109,6 +112,7 @@ class Intake:
         self._journal = journal
         self._events = events
         self._enqueue = enqueue
+        self._on_seen = on_seen
         self.completeness = Completeness(watch.settle_seconds, watch.incomplete_timeout_seconds)
         self.pairing = Pairing(
             needs_ctf=watch.ctf is not None, coordinate_suffix=watch.coordinate_suffix
@@ -169,6 +173,8 @@ class Intake:
 
     def observe(self, update: WatchUpdate) -> None:
         """Take in what the watcher saw: new files are tracked, changed ones looked at."""
+        if self._on_seen is not None:  # which watch patterns have matched a file yet
+            self._on_seen(update.listing or (), update.hints)
         if update.listing is not None:
             for path, (kind, signature) in update.listing.items():
                 state = self.files.get(path)

@@ -103,6 +103,9 @@ class StatusEvent(EventBase):
     rates: Rates = Rates()
     backlog: Backlog = Backlog()
     version: str = ""
+    unmatched_patterns: list[str] = Field(
+        default_factory=list, description="[watch] patterns that have matched no file yet"
+    )
 
 
 class Quality(_Model):

@@ -110,6 +110,9 @@ class StatusReport(_Model):
     particles: dict[str, int] = Field(default_factory=dict)
     rates: Rates = Rates()
     backlog: Backlog = Backlog()
+    unmatched_patterns: list[str] = Field(
+        default_factory=list, description="[watch] patterns that have matched no file yet"
+    )
     last_micrographs: list[MicrographSummary] = Field(
         default_factory=list, description="newest first"
     )
@@ -186,6 +189,7 @@ class StatusAggregator:
             time=datetime.now(UTC),
             counts=status.counts,
             particles=status.particles,
+            unmatched_patterns=status.unmatched_patterns,
             rates=status.rates,
             backlog=status.backlog,
             last_micrographs=list(self._micrographs),
@@ -211,7 +215,11 @@ def _clock(moment: datetime) -> str:
 
 
 def _quality(summary: MicrographSummary) -> str:
-    parts = [f"latency {_duration(summary.latency_seconds)}"]
+    # No latency when none was measured (0: e.g. committed before a restart); sub-second ones
+    # with two decimals rather than "0 s".
+    latency = summary.latency_seconds
+    parts = [f"latency {latency:.2f} s" if latency < 1 else f"latency {_duration(latency)}"]
+    parts = parts if latency > 0 else []
     if summary.excluded_border:
         parts.append(f"{summary.excluded_border} at border")
     if summary.quality.gini is not None:
@@ -248,6 +256,8 @@ def render_status(report: StatusReport, *, width: int = 120) -> str:
         f"  backlog      {backlog.micrographs} micrographs, ~{_duration(backlog.seconds)} of "
         f"work, catch-up {catch_up}"
     )
+    for pattern in report.unmatched_patterns:
+        lines.append(f"  no file yet  {pattern}")
     if report.mqtt is not None:
         mqtt = report.mqtt
         link = "connected" if mqtt.connected else "DISCONNECTED"

@@ -55,7 +55,7 @@ from flybox.errors import (
     TransientIOError,
     WorkerLostError,
 )
-from flybox.pipeline.job import JobResult, MicrographJob, discard_job
+from flybox.pipeline.job import JobResult, JobWarnings, MicrographJob, discard_job
 from flybox.types import OpticsGroup
 
 __all__ = ["QuarantineCallback", "ReadyQueue", "UnitRunner", "quality_of"]
@@ -152,6 +152,10 @@ class UnitRunner:
         Sets an input aside (a worker found it bad).
     release_picks
         Called with a stem whose unit is done: its picks need not be kept.
+    project_dir
+        The RELION project folder: paths in STAR files are relative to it.
+    job_warnings
+        Reports each distinct warning of a worker (pixel size, picks outside) once.
     """
 
     def __init__(
@@ -168,9 +172,13 @@ class UnitRunner:
         events: EventBus,
         on_quarantine: QuarantineCallback,
         release_picks: Callable[[str], None],
+        project_dir: Path | None = None,
+        job_warnings: JobWarnings | None = None,
     ) -> None:
         self.executor = executor
         self.committer = committer
+        self.project_dir = project_dir if project_dir is not None else Path.cwd()
+        self.job_warnings = job_warnings if job_warnings is not None else JobWarnings()
         self.config = config
         self.session = session
         self.output_dir = output_dir
@@ -261,6 +269,7 @@ class UnitRunner:
             pixel_size_a=config.micrograph.pixel_size,
             picking_pixel_size_a=config.micrograph.picking_pixel_size,
             float16=config.output.float16,
+            project_dir=str(self.project_dir),
             stem=pair.stem,
         )
 
@@ -291,6 +300,7 @@ class UnitRunner:
                 await self._failed(entry, running, pair, exc)
                 return
             processed = time.monotonic()
+            self.job_warnings.report(result)
             if entry.unit is not running:  # newer inputs arrived meanwhile
                 await asyncio.to_thread(discard_job, result)
                 await journal.call(journal.journal.set_state, unit.id, "superseded")
