@@ -45,6 +45,11 @@ def config_warnings(config: FlyboxConfig) -> list[str]:
     from flybox.io.mrc import read_header
 
     warnings = [w for key, p in _watched(config) if (w := missing_input_warning(key, p))]
+    if config.watch is not None and config.watch.ctf is None:
+        warnings.append(
+            "[watch] ctf is not set: the optics table will have no voltage, spherical aberration "
+            "or amplitude contrast, and RELION 3.1 cannot read the particles without them"
+        )
     given = config.micrograph.pixel_size
     if given is None:
         return warnings

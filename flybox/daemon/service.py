@@ -44,11 +44,18 @@ from pathlib import Path
 from types import TracebackType
 
 from flybox.config import FlyboxConfig, load_config
+from flybox.config.warnings import config_warnings
 from flybox.daemon.intake.stage import Intake
 from flybox.daemon.intake.watch import compile_pattern
 from flybox.daemon.state import JournalThread, SessionState
 from flybox.daemon.systemd import Notifier
-from flybox.daemon.telemetry.events import EventBus, ServiceState, StatusEvent
+from flybox.daemon.telemetry.events import (
+    EventBus,
+    ServiceState,
+    StatusEvent,
+    WarningEvent,
+    warning_code,
+)
 from flybox.daemon.telemetry.progress import Phase, Progress
 from flybox.daemon.work.commit import Committer
 from flybox.daemon.work.executor import Executor, LocalExecutor
@@ -238,6 +245,10 @@ class Service:
                     Telemetry(self.config, self.bus, self.status_snapshot)
                 )
             self.bus.emit(self.status_snapshot())
+            for message in await asyncio.to_thread(config_warnings, self.config):
+                self.bus.emit(
+                    WarningEvent(session=self.session, message=message, code=warning_code(message))
+                )
             await stack.enter_async_context(self.intake)
             self._runner = await stack.enter_async_context(
                 UnitRunner(

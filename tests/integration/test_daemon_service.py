@@ -24,6 +24,7 @@ from flybox.daemon.telemetry.events import (
     OutputSetEvent,
     QuarantineEvent,
     StatusEvent,
+    WarningEvent,
 )
 from flybox.errors import ConfigError
 from flybox.io.coords import write_coordinates_star
@@ -270,3 +271,34 @@ async def test_a_micrograph_failed_by_io_errors_is_retried_then_done_after_a_res
     snapshot = service.status_snapshot()
     assert snapshot.particles == {"particles": picks, "particles_small": picks}
     assert snapshot.counts.failed == 0
+
+
+async def test_a_wrong_pixel_size_is_a_warning_event_at_start_and_per_micrograph(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path, ctf=False)
+    config = config.model_copy(
+        update={
+            "micrograph": config.micrograph.model_copy(
+                update={"pixel_size": 0.83, "picking_pixel_size": 3.32}
+            )
+        }
+    )
+    _write(tmp_path, "m1", seed=1)  # 1.0 Å in the header
+    service = _service(config)
+    with service.bus.subscribe() as subscription:
+        async with service:
+            await _collect(
+                service,
+                lambda e: _count(e, MicrographEvent) + _count(e, FailureEvent) == 1,
+            )
+        events = list(subscription._queue)
+    warnings = [e for e in events if isinstance(e, WarningEvent)]
+    codes = {w.code for w in warnings}
+    assert {"pixel_size", "optics", "picks_outside"} <= codes, [w.message for w in warnings]
+    at_start = [w for w in warnings if w.code == "pixel_size"]
+    assert "MRC header" in at_start[0].message
+    outside = next(w for w in warnings if w.code == "picks_outside")
+    assert "picking" in outside.message
+    first_micrograph = next(i for i, e in enumerate(events) if isinstance(e, MicrographEvent))
+    assert events.index(at_start[0]) < first_micrograph  # said before any particle is lost

@@ -8,6 +8,7 @@ micrographs from the project's simulator.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import pytest
 import starfile
 
 from flybox.cli import main
+from flybox.config import parse_config
+from flybox.daemon.service import Service
+from flybox.daemon.systemd import Notifier
 from flybox.io.coords import write_coordinates_star
 from flybox.io.mrc import write_micrograph
 from flybox.sim.microscope import _ctf_row, synthetic_micrograph, write_ctf_table
@@ -89,15 +93,21 @@ def test_relion_reads_and_classifies_what_flybox_extract_writes_in_a_project(
     rows = starfile.read(project / "Extract/job005/particles.star")["particles"]
     assert rows["rlnImageName"].iloc[0] == "000001@Extract/job005/Particles/mic000.mrcs"
     assert rows["rlnMicrographName"].iloc[0] == "MotionCorr/job002/Movies/mic000.mrc"
+    relion_reads_and_classifies(project, "Extract/job005", image_handler, refine)
+
+
+def relion_reads_and_classifies(project: Path, job: str, image_handler: str, refine: str) -> None:
+    """From the project folder: ``relion_image_handler --stats`` on both sets, then one
+    iteration of 2D classification with ``--ctf``, without error or normalisation warning."""
     for star in ("particles.star", "particles_small.star"):
-        stats = relion([image_handler, "--i", f"Extract/job005/{star}", "--stats"], project)
+        stats = relion([image_handler, "--i", f"{job}/{star}", "--stats"], project)
         assert "Cannot read" not in stats
     (project / "Class2D" / "job006").mkdir(parents=True)
     classify = relion(
         [
             refine,
             "--i",
-            "Extract/job005/particles.star",
+            f"{job}/particles.star",
             "--o",
             "Class2D/job006/run",
             "--K",
@@ -130,3 +140,47 @@ def test_relion_reads_and_classifies_what_flybox_extract_writes_in_a_project(
     )
     assert "have not been normalised" not in classify
     assert (project / "Class2D/job006/run_it001_data.star").is_file()
+
+
+async def test_relion_reads_and_classifies_what_the_service_writes_in_a_project(
+    tmp_path: Path,
+) -> None:
+    image_handler = require_binary("relion_image_handler")
+    refine = require_binary("relion_refine")
+    project = tmp_path / "project"
+    relion_project(project)
+    config = parse_config(
+        {
+            "session": {
+                "name": "relion-project",
+                "output": str(project / "External" / "job005"),
+                "project_dir": str(project),
+            },
+            "watch": {
+                "micrographs": [str(project / "MotionCorr/job002/Movies/*.mrc")],
+                "coordinates": [str(project / "AutoPick/job004/Movies/*_autopick.star")],
+                "coordinate_suffix": "_autopick.star",
+                "ctf": str(project / "CtfFind/job003/micrographs_ctf.star"),
+                "settle_seconds": 0.1,
+                "rescan_seconds": 0.5,
+            },
+            "chain": [
+                {"step": "extract", "box": 64},
+                {"step": "fourier_crop", "outputs": {"particles": 64, "particles_small": 32}},
+                {"step": "normalize", "method": "ramp"},
+            ],
+            "executor": {"workers": 1},
+        }
+    )
+    service = Service(config, notifier=Notifier({}), telemetry=False)
+    async with service:
+        async with asyncio.timeout(120):
+            while service.status_snapshot().counts.done < 2:
+                await asyncio.sleep(0.2)
+        service.stop()
+    rows = starfile.read(project / "External/job005/particles.star")["particles"]
+    assert set(rows["rlnImageName"].str.split("@").str[1]) == {
+        f"External/job005/Particles/mic00{i}.mrcs" for i in range(2)
+    }
+    assert rows["rlnMicrographName"].iloc[0].startswith("MotionCorr/job002/Movies/mic00")
+    relion_reads_and_classifies(project, "External/job005", image_handler, refine)

@@ -37,8 +37,10 @@ __all__ = [
     "ServiceState",
     "StatusEvent",
     "Subscription",
+    "WarningEvent",
     "event_json_schema",
     "parse_event",
+    "warning_code",
 ]
 
 ServiceState = Literal["starting", "running", "draining", "stopped", "offline"]
@@ -180,6 +182,19 @@ class AlertEvent(EventBase):
     value: float | None = None
 
 
+class WarningEvent(EventBase):
+    """Something that will cost particles or break the next RELION job, though nothing failed:
+    a pixel size that disagrees with the header or CTF table, most picks outside a micrograph,
+    an optics table RELION cannot use, a watched folder that does not exist."""
+
+    type: Literal["warning"] = "warning"
+    message: str
+    code: str = Field(
+        description="short machine-readable kind: pixel_size, picks_outside, optics, "
+        "missing_input or other (metric label)"
+    )
+
+
 class OutputSetEvent(EventBase):
     """A stream's cumulative STAR file was updated."""
 
@@ -197,6 +212,7 @@ Event = Annotated[
     | FailureEvent
     | MissingCoordinatesEvent
     | AlertEvent
+    | WarningEvent
     | OutputSetEvent,
     Field(discriminator="type"),
 ]
@@ -280,3 +296,17 @@ class EventBus:
         """End every subscription (the service is stopping)."""
         for subscription in self._subscriptions:
             subscription.close()
+
+
+def warning_code(message: str) -> str:
+    """The ``code`` of a warning message (what kind of trap it names)."""
+    lowered = message.lower()
+    for code, words in (
+        ("picks_outside", ("outside the micrograph", "fall outside")),
+        ("pixel_size", ("pixel size", "pixel_size")),
+        ("optics", ("optics table",)),
+        ("missing_input", ("does not exist", "no such", "matches nothing")),
+    ):
+        if any(word in lowered for word in words):
+            return code
+    return "other"

@@ -32,6 +32,7 @@ from flybox.daemon.telemetry.events import (
     OutputSetEvent,
     QuarantineEvent,
     StatusEvent,
+    WarningEvent,
 )
 
 __all__ = [
@@ -240,6 +241,11 @@ class SessionMetrics:
             ["missing"],
         )
         self.alerts = counter("flybox_alerts", "Quality alerts fired, by rule", ["rule"])
+        self.warnings = counter(
+            "flybox_warnings",
+            "Warnings about settings or inputs that cost particles (pixel size, picks outside…)",
+            ["code"],
+        )
         self.alert_active = Gauge(
             "flybox_alert_active",
             "1 while a quality rule's alert is active",
@@ -318,6 +324,8 @@ class SessionMetrics:
                 self.alerts.labels(event.rule).inc()
         elif isinstance(event, OutputSetEvent):
             self.output_particles.labels(event.stream).set(event.particles)
+        elif isinstance(event, WarningEvent):
+            self.warnings.labels(event.code).inc()
 
     def _micrograph(self, event: MicrographEvent) -> None:
         self.micrographs.labels("done").inc()

@@ -44,6 +44,8 @@ from flybox.daemon.telemetry.events import (
     MicrographEvent,
     OutputSetEvent,
     Quality,
+    WarningEvent,
+    warning_code,
 )
 from flybox.daemon.work.commit import CommitOutcome, Committer
 from flybox.daemon.work.executor import Executor
@@ -300,7 +302,10 @@ class UnitRunner:
                 await self._failed(entry, running, pair, exc)
                 return
             processed = time.monotonic()
-            self.job_warnings.report(result)
+            for message in self.job_warnings.report(result):
+                self._events.emit(
+                    WarningEvent(session=self.session, message=message, code=warning_code(message))
+                )
             if entry.unit is not running:  # newer inputs arrived meanwhile
                 await asyncio.to_thread(discard_job, result)
                 await journal.call(journal.journal.set_state, unit.id, "superseded")
