@@ -221,7 +221,6 @@ class LivePicking:
 
             stack.callback(stop)
             self._stack = stack.pop_all()
-        self._announce()
         entry = self._entry(self.current)
         log.info(
             "picking: model v%d (%s), particle size %g px, threshold %g%s",
@@ -391,7 +390,7 @@ class LivePicking:
                 labels,
                 entry.path,
             )
-            self._announce(labels=labels, corrected=corrected)
+            self.announce(labels=labels, corrected=corrected)
 
     def _retrain(self) -> tuple[ModelVersion, int, int] | None:
         """Blocking (a thread): the next model version from every correction, saved."""
@@ -420,7 +419,9 @@ class LivePicking:
         entry = ModelVersion(version, str(path), _sha(path), "learned")
         return entry, int(model.labels.shape[0]), len(examples)
 
-    def _announce(self, *, labels: int = 0, corrected: int = 0) -> None:
+    def announce(self, *, labels: int = 0, corrected: int = 0) -> None:
+        """Emit a ``model`` event for the current version (the service calls it once the
+        telemetry listens; learning calls it for each new version)."""
         entry = self._entry(self.current)
         self._events.emit(
             ModelEvent(

@@ -253,6 +253,8 @@ class Service:
                     telemetry.dashboard.particle_diameter = self.picking.particle_size
                 await stack.enter_async_context(telemetry)
             self.bus.emit(self.status_snapshot())
+            if self.picking is not None:
+                self.picking.announce()
             await stack.enter_async_context(self.intake)
             self._runner = await stack.enter_async_context(
                 UnitRunner(
