@@ -275,8 +275,7 @@ class LivePicking:
                 store.add_micrograph(
                     Path(unit.micrograph), self._shown_picks(unit.stem), save=False
                 )
-            if units:
-                store.update_session()
+            store.update_session(model_version=self.current)
 
         await asyncio.to_thread(join)
 

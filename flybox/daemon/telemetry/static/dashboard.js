@@ -66,8 +66,8 @@ function plot(svg, points, { line = true, dots = true, digits = 0 } = {}) {
     svg.append(el("line", { x1: m.l, x2: w - m.r, y1: Y(t), y2: Y(t), class: "axis" }));
     svg.append(el("text", { x: m.l - 4, y: Y(t) + 3, "text-anchor": "end", class: "tick" }, t.toFixed(digits)));
   }
-  for (const t of [x0, (x0 + x1) / 2, x1]) {
-    svg.append(el("text", { x: X(t), y: h - 5, "text-anchor": "middle", class: "tick" }, clock(t)));
+  for (const [t, anchor] of [[x0, "start"], [(x0 + x1) / 2, "middle"], [x1, "end"]]) {
+    svg.append(el("text", { x: X(t), y: h - 5, "text-anchor": anchor, class: "tick" }, clock(t)));
   }
   if (line && pts.length > 1) {
     svg.append(el("polyline", { class: "series", points: pts.map((p) => `${X(p.x).toFixed(1)},${Y(p.y).toFixed(1)}`).join(" ") }));
