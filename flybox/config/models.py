@@ -37,6 +37,7 @@ __all__ = [
     "MicrographConfig",
     "MqttConfig",
     "OutputConfig",
+    "PickingConfig",
     "QualityRule",
     "SessionConfig",
     "WatchConfig",
@@ -178,6 +179,19 @@ class HttpConfig(_Section):
             return False
 
 
+class PickingConfig(_Section):
+    """``[picking]``: the service picks micrographs that have no external picks with a picker
+    model (``flybox pick train`` or the picker), and learns from corrections made in ``/pick``.
+    """
+
+    model: Path = Field(description="a model file from `flybox pick train` or the picker")
+    particle_size: float | None = Field(
+        default=None, gt=0, le=4096, description="particle diameter in px; default: the model's"
+    )
+    learn: bool = Field(default=False, description="retrain from corrections during the session")
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="lowest score picked")
+
+
 #: Per-micrograph figures a ``[[quality]]`` rule can test; ``particles.<stream>`` names one
 #: stream (plain ``particles`` is the first stream of the chain).
 QUALITY_FIGURES = (
@@ -190,7 +204,10 @@ QUALITY_FIGURES = (
     "defocus",
     "border_fraction",
     "latency",
+    "pick_score",
 )
+#: ``picks.<origin>``: the picks of one origin.
+PICK_ORIGINS = ("auto", "manual", "external")
 
 _CONDITION = re.compile(
     r"^\s*(?P<figure>[a-z_]+(?:\.[A-Za-z0-9_]+)?)\s*(?P<op><=|>=|<|>)\s*"
@@ -219,10 +236,13 @@ class QualityRule(_Section):
         if match is None:
             raise ValueError(f"expected 'FIGURE OP NUMBER' (e.g. 'particles < 50'), got {value!r}")
         figure = match["figure"]
-        if figure.partition(".")[0] not in QUALITY_FIGURES or (
-            "." in figure and not figure.startswith("particles.")
+        head, _, origin = figure.partition(".")
+        if head not in QUALITY_FIGURES or (
+            "." in figure
+            and not figure.startswith("particles.")
+            and not (head == "picks" and origin in PICK_ORIGINS)
         ):
-            known = ", ".join((*QUALITY_FIGURES, "particles.<stream>"))
+            known = ", ".join((*QUALITY_FIGURES, "particles.<stream>", "picks.<origin>"))
             raise ValueError(f"unknown figure {figure!r}; known: {known}")
         return value
 
@@ -266,6 +286,7 @@ class FlyboxConfig(_Section):
     mqtt: MqttConfig | None = None
     http: HttpConfig = HttpConfig()
     quality: list[QualityRule] = Field(default_factory=list)
+    picking: PickingConfig | None = None
 
     _built: tuple[ChainSpec, Chain] | None = PrivateAttr(default=None)
 

@@ -47,6 +47,7 @@ from flybox.config import FlyboxConfig, load_config
 from flybox.config.warnings import config_warnings
 from flybox.daemon.intake.stage import Intake
 from flybox.daemon.intake.watch import compile_pattern
+from flybox.daemon.picking import LivePicking
 from flybox.daemon.state import JournalThread, SessionState
 from flybox.daemon.systemd import Notifier
 from flybox.daemon.telemetry.events import (
@@ -105,6 +106,8 @@ def _coordinate_patterns(config: FlyboxConfig) -> list[str]:
     assert config.watch is not None
     if config.watch.coordinates:
         return list(config.watch.coordinates)
+    if config.picking is not None:  # the service picks: no coordinate files are looked for
+        return []
     suffixes = (config.watch.coordinate_suffix,) if config.watch.coordinate_suffix else None
     return [
         os.path.join(os.path.dirname(pattern), "*" + suffix)
@@ -176,6 +179,16 @@ class Service:
         self.matched = PatternMatches(patterns)
         self.journal = JournalThread(self.output_dir / ".flybox" / "journal.sqlite")
         self._ready = ReadyQueue()
+        self.picking: LivePicking | None = None
+        if config.picking is not None:
+            self.picking = LivePicking(
+                config.picking,
+                output_dir=self.output_dir,
+                session=self.session,
+                stream=next(iter(self.chain.streams)),
+                journal=self.journal,
+                events=self.bus,
+            )
         self.intake = Intake(
             self.watch,
             patterns,
@@ -187,7 +200,10 @@ class Service:
             events=self.bus,
             enqueue=self._ready.put,
             on_seen=self.matched.see,
+            autopick=self.picking,
         )
+        if self.picking is not None:
+            self.picking.intake = self.intake
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._executor = executor
@@ -238,17 +254,25 @@ class Service:
                 self._executor = await stack.enter_async_context(
                     LocalExecutor(self.config.executor.workers)
                 )
+            if self.picking is not None:
+                await stack.enter_async_context(self.picking)
             if self._telemetry:
                 from flybox.daemon.telemetry.fanout import Telemetry
 
-                await stack.enter_async_context(
-                    Telemetry(self.config, self.bus, self.status_snapshot)
-                )
+                telemetry = Telemetry(self.config, self.bus, self.status_snapshot)
+                telemetry.dashboard.particle_diameter = self.chain.extraction_box / 1.5
+                if self.picking is not None:
+                    telemetry.http.add_routes(self.picking.routes)
+                    telemetry.dashboard.picking = True
+                    telemetry.dashboard.particle_diameter = self.picking.particle_size
+                await stack.enter_async_context(telemetry)
             self.bus.emit(self.status_snapshot())
             for message in await asyncio.to_thread(config_warnings, self.config):
                 self.bus.emit(
                     WarningEvent(session=self.session, message=message, code=warning_code(message))
                 )
+            if self.picking is not None:
+                self.picking.announce()
             await stack.enter_async_context(self.intake)
             self._runner = await stack.enter_async_context(
                 UnitRunner(
@@ -265,6 +289,7 @@ class Service:
                     release_picks=self.intake.release_picks,
                     project_dir=self.project_dir,
                     job_warnings=self.job_warnings,
+                    picker=self.picking.autopick_for if self.picking is not None else None,
                 )
             )
             tasks = await stack.enter_async_context(asyncio.TaskGroup())

@@ -36,7 +36,7 @@ from flybox.pick.render import RenderSettings
 from flybox.pick.session import NotEnoughLabelsError, PickSession
 from flybox.pick.store import Pick, ReadOnlyPicksError, StalePicksError
 
-__all__ = ["api_routes", "create_pick_app", "page_routes"]
+__all__ = ["PickerMount", "api_routes", "create_pick_app", "mount_picker", "page_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class _State:
     page_prefix: str
     autopick_all: _AutopickAll = field(default_factory=_AutopickAll)
     tasks: asyncio.TaskGroup | None = None
+    on_saved: Callable[[str], Awaitable[None]] | None = None
 
 
 def _pick_json(p: Pick) -> dict[str, Any]:
@@ -203,6 +204,8 @@ def api_routes(state: _State) -> list[BaseRoute]:
             return _error(409, f"{exc}: reload to see them")
         except ReadOnlyPicksError as exc:
             return _error(409, str(exc))
+        if state.on_saved is not None:
+            await state.on_saved(name)
         return _picks_response(state, name)
 
     async def autopick(request: Request, name: str) -> Response:
@@ -372,3 +375,60 @@ def create_pick_app(
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(_TokenGate, token=token, api_prefix=f"{prefix}/api/")
     return app
+
+
+@dataclass
+class PickerMount:
+    """The picker inside another server (the service): its routes (full paths) and the task
+    group its background work ("Autopick all") runs in, owned by :meth:`running`."""
+
+    routes: list[BaseRoute]
+    state: _State
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Own the picker's background tasks for the ``async with`` block."""
+        async with asyncio.TaskGroup() as tasks:
+            self.state.tasks = tasks
+            try:
+                yield
+            finally:
+                self.state.tasks = None
+                if self.state.autopick_all.task is not None:
+                    self.state.autopick_all.task.cancel()
+
+
+def mount_picker(
+    session: PickSession,
+    *,
+    api_prefix: str = "/api/pick",
+    page_prefix: str = "/pick",
+    on_saved: Callable[[str], Awaitable[None]] | None = None,
+    extra_api: list[BaseRoute] | None = None,
+) -> PickerMount:
+    """The picker's routes for a server that mounts it (the server applies its own access
+    rules to ``api_prefix``).
+
+    Parameters
+    ----------
+    session
+        The picking session (the caller closes it).
+    api_prefix, page_prefix
+        Where the API and the page are mounted.
+    on_saved
+        Awaited after picks were saved (``PUT .../picks``), with the micrograph's name.
+    extra_api
+        More API routes (relative to ``api_prefix``).
+    """
+    state = _State(
+        session=session,
+        token=None,
+        api_prefix=api_prefix,
+        page_prefix=page_prefix,
+        on_saved=on_saved,
+    )
+    routes: list[BaseRoute] = [
+        Mount(api_prefix, routes=[*api_routes(state), *(extra_api or [])]),
+        Mount(page_prefix, routes=page_routes(state)),
+    ]
+    return PickerMount(routes, state)

@@ -199,6 +199,7 @@ class PickStore:
         particle_size: float | None = None,
         picks: Path | None = None,
         picks_suffix: str | None = None,
+        allow_empty: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self._lock = threading.RLock()
@@ -210,7 +211,7 @@ class PickStore:
                     "micrographs", f"two micrographs are named {name}: {self.records[name].path}"
                 )
             self.records[name] = MicrographRecord(name=name, path=Path(path))
-        if not self.records:
+        if not self.records and not allow_empty:
             raise ConfigError("micrographs", "no micrographs given")
         self.folder.mkdir(parents=True, exist_ok=True)
         session = self._read_session()
@@ -224,10 +225,30 @@ class PickStore:
         self.last_micrograph: str | None = session.get("last_micrograph")
         self.model_version = int(session.get("model_version", 0))
         states = session.get("micrographs", {})
+        self._saved_states: dict[str, Any] = dict(states)
         files, grouped = _imported_picks(picks, picks_suffix)
         for record in self.records.values():
             self._load_record(record, states.get(record.name, {}), files, grouped)
         self._save_session()
+
+    def add_micrograph(self, path: Path, picks: Path | None = None, *, save: bool = True) -> None:
+        """A micrograph joins the session (the service: once it is committed), starting from
+        ``picks`` (automatic picks) unless the session saved picks of its own. A known
+        micrograph that nobody reviewed takes the new picks (a new model picked it again)."""
+        name = Path(path).stem
+        with self._lock:
+            record = self.records.get(name)
+            if record is not None and record.state in ("picked", "corrected"):
+                return
+            record = MicrographRecord(name=name, path=Path(path))
+            saved = self._saved_states.get(name, {})
+            if saved.get("state") == "proposed":
+                saved = {}
+            files = {name: picks} if picks is not None else {}
+            self._load_record(record, saved, files, {})
+            self.records[name] = record
+            if save:
+                self._save_session()
 
     # -- loading ---------------------------------------------------------------------------
 

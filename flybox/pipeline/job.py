@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -34,15 +35,29 @@ from flybox.processors.fft import use_wisdom_store
 from flybox.types import CtfParams, OpticsGroup
 
 __all__ = [
+    "PICK_ORIGIN_COLUMN",
     "JobResult",
     "JobWarnings",
     "MicrographJob",
+    "Picker",
     "StreamOutput",
     "chain_for",
     "commit_job",
     "discard_job",
     "run_job",
 ]
+
+
+#: The picks' origin column (``auto``, ``manual``, ``external``) of a picking session.
+PICK_ORIGIN_COLUMN = "flyboxPickOrigin"
+
+
+class Picker(Protocol):
+    """Picks a micrograph in the worker (the service's ``autopick`` step, before ``extract``):
+    a small picklable object, called with the micrograph and its output stem; returns the picks
+    (micrograph pixels) and figures for the job's stats."""
+
+    def __call__(self, image: Any, stem: str) -> tuple[pd.DataFrame, dict[str, float]]: ...
 
 
 @dataclass
@@ -81,6 +96,9 @@ class MicrographJob:
         Output file stem; default: the micrograph file's stem.
     chunk_size
         Particles per processing chunk.
+    picker
+        The autopick step: used when neither ``picks`` nor ``coordinates`` is given; every
+        pick then also carries its origin (``flyboxPickOrigin``), external ones too.
     """
 
     micrograph: str
@@ -100,6 +118,7 @@ class MicrographJob:
     project_dir: str | None = None
     stem: str | None = None
     chunk_size: int = 32
+    picker: Picker | None = None
 
     @property
     def output_stem(self) -> str:
@@ -197,6 +216,15 @@ def _load_picks(job: MicrographJob, pixel_size_a: float) -> pd.DataFrame:
     return picks.reset_index(drop=True)
 
 
+def _with_origins(picks: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Picks with an origin for each (``external`` unless said), and the count per origin."""
+    if PICK_ORIGIN_COLUMN not in picks.columns:
+        picks = picks.assign(**{PICK_ORIGIN_COLUMN: "external"})
+    origins = picks[PICK_ORIGIN_COLUMN].astype(str)
+    counts = {f"picks_{o}": float((origins == o).sum()) for o in ("auto", "manual", "external")}
+    return picks, counts
+
+
 def use_disk_wisdom() -> None:
     """Keep FFTW plans measured by any flybox process of this host (idempotent)."""
     global _wisdom_on_disk
@@ -229,7 +257,16 @@ def run_job(job: MicrographJob) -> JobResult:
         raise ProcessingError(job.micrograph, "no pixel size in the header; set --pixel-size")
     if chain.requires_ctf and (job.ctf is None or not job.ctf.complete):
         raise ProcessingError(job.micrograph, "the chain needs a CTF (voltage, Cs, Q0, defocus)")
-    picks = _load_picks(job, pixel_size)
+    picked: dict[str, float] = {}
+    if job.picks is None and job.coordinates is None and job.picker is not None:
+        # The autopick step: coordinates in this micrograph's pixels, nothing to rescale.
+        picks, picked = job.picker(image, job.output_stem)
+        picks = picks.reset_index(drop=True)
+    else:
+        picks = _load_picks(job, pixel_size)
+    if job.picker is not None:
+        picks, origins = _with_origins(picks)
+        picked.update(origins)
     warnings = [
         warning
         for warning in (
@@ -322,6 +359,7 @@ def run_job(job: MicrographJob) -> JobResult:
             star_final=star_final,
         )
     stats = dict(micrograph.stats)
+    stats.update(picked)
     return JobResult(
         micrograph=job.micrograph,
         name=job.name,

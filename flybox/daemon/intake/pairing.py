@@ -27,6 +27,7 @@ from flybox.pipeline.matching import NameIndex, micrograph_stem
 from flybox.types import CtfParams
 
 __all__ = [
+    "AUTOPICK",
     "CoordinatesInput",
     "MicrographInput",
     "Missing",
@@ -57,6 +58,10 @@ class CoordinatesInput:
     complete_at: float
 
 
+#: The ``path`` of the coordinates of a micrograph the service picks itself (``[picking]``).
+AUTOPICK = ""
+
+
 @dataclass(frozen=True)
 class Pair:
     """Everything one unit of work needs, for one stem."""
@@ -84,10 +89,19 @@ class Pairing:
     coordinate_suffix
         The suffix after the micrograph stem in coordinate file names; ``None`` tries
         :data:`~flybox.pipeline.inputs.DEFAULT_COORD_SUFFIXES`.
+    autopick
+        Whether the service picks micrographs without coordinates (``[picking]``): such a
+        micrograph pairs at once with coordinates whose path is :data:`AUTOPICK`. Picks
+        corrected in the picker (:meth:`set_corrected`) win over external ones, which win
+        over autopicking.
     """
 
-    def __init__(self, *, needs_ctf: bool, coordinate_suffix: str | None = None) -> None:
+    def __init__(
+        self, *, needs_ctf: bool, coordinate_suffix: str | None = None, autopick: bool = False
+    ) -> None:
         self.needs_ctf = needs_ctf
+        self.autopick = autopick
+        self._corrected: dict[str, CoordinatesInput] = {}
         suffixes = (coordinate_suffix,) if coordinate_suffix else DEFAULT_COORD_SUFFIXES
         self._suffixes = sorted(suffixes, key=len, reverse=True)
         self._entries: dict[str, _Entry] = {}
@@ -143,6 +157,16 @@ class Pairing:
         entry = self._entries.get(stem)
         if entry is not None and entry.coordinates is not None:
             entry.coordinates = dataclasses.replace(entry.coordinates, picks=None)
+        if stem in self._corrected:
+            self._corrected[stem] = dataclasses.replace(self._corrected[stem], picks=None)
+
+    def set_corrected(self, stem: str, item: CoordinatesInput) -> None:
+        """The stem's picks were corrected in the picker: they replace any other picks."""
+        self._corrected[stem] = item
+
+    def corrected(self, stem: str) -> CoordinatesInput | None:
+        """The stem's corrected picks, if any."""
+        return self._corrected.get(stem)
 
     def remove_coordinates(self, path: str) -> str | None:
         """A coordinate file disappeared or was quarantined; returns its stem when known."""
@@ -194,7 +218,7 @@ class Pairing:
         entry = self._entries.get(stem)
         if entry is None or entry.micrograph is None:
             return None
-        if entry.coordinates is None:
+        if entry.coordinates is None and not self.autopick and stem not in self._corrected:
             return "coordinates"
         if self.needs_ctf and self.ctf_for(stem) is None:
             return "ctf"
@@ -203,13 +227,18 @@ class Pairing:
     def pair(self, stem: str) -> Pair | None:
         """The stem's inputs when all have arrived."""
         entry = self._entries.get(stem)
-        if entry is None or entry.micrograph is None or entry.coordinates is None:
+        if entry is None or entry.micrograph is None:
+            return None
+        coordinates = self._corrected.get(stem) or entry.coordinates
+        if coordinates is None and self.autopick:
+            coordinates = CoordinatesInput(AUTOPICK, AUTOPICK, None, entry.micrograph.complete_at)
+        if coordinates is None:
             return None
         ctf = self.ctf_for(stem)
         if self.needs_ctf and ctf is None:
             return None
         entry.reported.clear()
-        return Pair(stem, entry.micrograph, entry.coordinates, ctf)
+        return Pair(stem, entry.micrograph, coordinates, ctf)
 
     def overdue(self, now: float, timeout: float) -> list[tuple[MicrographInput, Missing, float]]:
         """Micrographs that have waited longer than ``timeout`` for an input, each reported once

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from flybox.config import WatchConfig
 from flybox.daemon.intake.complete import (
@@ -38,6 +39,7 @@ from flybox.daemon.intake.complete import (
     probe,
 )
 from flybox.daemon.intake.pairing import (
+    AUTOPICK,
     CoordinatesInput,
     MicrographInput,
     Pairing,
@@ -47,17 +49,36 @@ from flybox.daemon.intake.reading import fingerprint_file, read_ctf_table, read_
 from flybox.daemon.intake.watch import Watcher, WatchPattern, WatchUpdate
 from flybox.daemon.state import JournalThread, SessionState
 from flybox.daemon.telemetry.events import EventBus, MissingCoordinatesEvent, QuarantineEvent
-from flybox.daemon.work.units import UnitRequest, resolve_units, unit_key
+from flybox.daemon.work.units import (
+    UnitRequest,
+    autopick_versions,
+    resolve_units,
+    unit_key,
+)
 from flybox.errors import DuplicateStemError, FileChangedError, TextParseError
 from flybox.pipeline.matching import micrograph_stem
 
-__all__ = ["Intake"]
+__all__ = ["AutopickSource", "Intake"]
 
 log = logging.getLogger(__name__)
 
 
 def _probe_all(items: list[tuple[str, InputKind]]) -> list[Probe]:
     return [probe(path, kind) for path, kind in items]
+
+
+class AutopickSource(Protocol):
+    """The service's picker model, as intake needs it (``[picking]``)."""
+
+    @property
+    def version(self) -> int:
+        """The current model version (for micrographs picked from now on)."""
+        ...
+
+    def digest(self, version: int) -> str:
+        """What stands for the coordinates' hash in the key of a unit picked with
+        ``version`` (:func:`~flybox.daemon.work.units.autopick_digest`)."""
+        ...
 
 
 class Intake:
@@ -86,6 +107,8 @@ class Intake:
         Called with a stem whose unit is queued: the seam to the work stage.
     on_seen
         Called with every listing and hints the watcher reports (which patterns matched).
+    autopick
+        The picker model when the service picks micrographs without coordinates.
     """
 
     def __init__(
@@ -101,6 +124,7 @@ class Intake:
         events: EventBus,
         enqueue: Callable[[str], None],
         on_seen: Callable[[Iterable[str], Iterable[str]], None] | None = None,
+        autopick: AutopickSource | None = None,
     ) -> None:
         self.watch = watch
         self.patterns = list(patterns)
@@ -114,8 +138,13 @@ class Intake:
         self._enqueue = enqueue
         self._on_seen = on_seen
         self.completeness = Completeness(watch.settle_seconds, watch.incomplete_timeout_seconds)
+        self.autopick = autopick
+        #: The model version each autopicked stem is (to be) picked with.
+        self.autopick_pins: dict[str, int] = {}
         self.pairing = Pairing(
-            needs_ctf=watch.ctf is not None, coordinate_suffix=watch.coordinate_suffix
+            needs_ctf=watch.ctf is not None,
+            coordinate_suffix=watch.coordinate_suffix,
+            autopick=autopick is not None,
         )
         self.files: dict[str, FileState] = {}
         self._to_probe: set[str] = set()
@@ -383,10 +412,44 @@ class Intake:
         else:
             await self.evaluate(self.pairing.set_ctf_source(state.path, ctfs))
 
+    # ----------------------------------------------------------------------------- picking
+    async def set_corrected(self, stem: str, item: CoordinatesInput) -> None:
+        """Picks corrected in the picker replace the stem's picks: a new version of its unit
+        (when the picks differ from those of its current one)."""
+        self.pairing.set_corrected(stem, item)
+        self._state.stem(stem).touched_at = time.monotonic()
+        await self.evaluate({stem})
+
+    async def repick(self, stems: Sequence[str], version: int) -> None:
+        """Pick ``stems`` again with model ``version`` (a new version of each autopicked one)."""
+        for stem in stems:
+            self.autopick_pins[stem] = version
+            self._state.stem(stem).touched_at = time.monotonic()
+        await self.evaluate(set(stems))
+
+    async def _pin_autopick_versions(self, stems: Sequence[str]) -> None:
+        """Fix the model version of autopicked stems seen for the first time: the one their
+        newest unit was picked with, else the current one."""
+        assert self.autopick is not None
+        todo = []
+        for stem in stems:
+            pair = self.pairing.pair(stem)
+            autopicked = pair is not None and pair.coordinates.path == AUTOPICK
+            if pair is not None and autopicked and stem not in self.autopick_pins:
+                todo.append((stem, pair.micrograph.fingerprint))
+        if not todo:
+            return
+        journal = self._journal
+        found = await journal.call(autopick_versions, journal.journal, todo)
+        for stem, _ in todo:
+            self.autopick_pins[stem] = found.get(stem, self.autopick.version)
+
     # ----------------------------------------------------------------------------- units
     async def evaluate(self, stems: set[str]) -> None:
         """Stems whose inputs changed: find or create their unit, queue it when needed."""
         requests: list[UnitRequest] = []
+        if self.autopick is not None:
+            await self._pin_autopick_versions(sorted(stems))
         for stem in sorted(stems):
             pair = self.pairing.pair(stem)
             entry = self._state.stem(stem)
@@ -397,12 +460,12 @@ class Intake:
                 ):
                     self._state.set_phase(stem, "waiting")
                 continue
-            key = unit_key(
-                self.settings_hash,
-                pair.micrograph.fingerprint,
-                pair.coordinates.digest,
-                pair.ctf,
-            )
+            digest = pair.coordinates.digest
+            model: int | None = None
+            if pair.coordinates.path == AUTOPICK and self.autopick is not None:
+                model = self.autopick_pins.get(stem, self.autopick.version)
+                digest = self.autopick.digest(model)
+            key = unit_key(self.settings_hash, pair.micrograph.fingerprint, digest, pair.ctf)
             if entry.unit is not None and entry.unit.key == key:
                 if entry.unit.state in ("queued", "running"):
                     entry.pair = pair
@@ -417,6 +480,8 @@ class Intake:
                 "coordinates_digest": pair.coordinates.digest,
                 "ctf": pair.ctf is not None,
             }
+            if model is not None:
+                inputs["autopick_model"] = model
             requests.append((stem, pair.micrograph.path, key, inputs))
         if not requests:
             return

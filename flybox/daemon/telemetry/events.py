@@ -30,6 +30,7 @@ __all__ = [
     "FailureEvent",
     "MicrographEvent",
     "MissingCoordinatesEvent",
+    "ModelEvent",
     "OutputSetEvent",
     "Quality",
     "QuarantineEvent",
@@ -118,6 +119,9 @@ class Quality(_Model):
     gini: float | None = None
     defocus_a: float | None = None
     border_fraction_mean: float | None = None
+    pick_score_mean: float | None = Field(
+        default=None, description="the picker model's mean score of the micrograph's picks"
+    )
 
 
 class MicrographEvent(EventBase):
@@ -134,6 +138,12 @@ class MicrographEvent(EventBase):
     latency_seconds: float = Field(description="file complete → committed")
     stages: dict[str, float] = Field(
         default_factory=dict, description="seconds per stage: wait, queue, process, commit"
+    )
+    pick_origins: dict[str, int] = Field(
+        default_factory=dict, description="picks by origin: auto, manual, external"
+    )
+    model_version: int | None = Field(
+        default=None, description="the picker model version of autopicked micrographs"
     )
 
 
@@ -205,6 +215,16 @@ class OutputSetEvent(EventBase):
     micrographs: int
 
 
+class ModelEvent(EventBase):
+    """A new picker model version is in use (``[picking] learn``: retrained from corrections)."""
+
+    type: Literal["model"] = "model"
+    version: int
+    path: str
+    labels: int = Field(default=0, description="training examples of this version")
+    corrected: int = Field(default=0, description="corrected micrographs it learned from")
+
+
 Event = Annotated[
     StatusEvent
     | MicrographEvent
@@ -213,7 +233,8 @@ Event = Annotated[
     | MissingCoordinatesEvent
     | AlertEvent
     | WarningEvent
-    | OutputSetEvent,
+    | OutputSetEvent
+    | ModelEvent,
     Field(discriminator="type"),
 ]
 

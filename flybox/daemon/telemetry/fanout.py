@@ -22,6 +22,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 
 from prometheus_client import (
@@ -32,6 +33,7 @@ from prometheus_client import (
 )
 
 from flybox.config import FlyboxConfig
+from flybox.daemon.telemetry.dashboard import DashboardFeed
 from flybox.daemon.telemetry.events import (
     AlertEvent,
     EventBus,
@@ -109,7 +111,12 @@ class Telemetry:
             )
         self.aggregator = StatusAggregator(self._safe_status)
         self.rules = QualityRules(config.quality, self.session, streams[0] if streams else None)
-        self.http = HttpServer(config.http, registry, self.report)
+        output = config.session.output if config.session is not None else None
+        self.dashboard = DashboardFeed(
+            Path(output).absolute() if output is not None else None,
+            streams[0] if streams else None,
+        )
+        self.http = HttpServer(config.http, registry, self.report, feed=self.dashboard)
         self._stack: contextlib.AsyncExitStack | None = None
         self._subscription: Subscription | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -189,6 +196,7 @@ class Telemetry:
                     self._last_status = event
                 self.metrics.observe(event)
                 self.aggregator.observe(event)
+                self.dashboard.observe(event)
                 if self.mqtt is not None:
                     self.mqtt.put(event)
                 if isinstance(event, MicrographEvent):

@@ -29,6 +29,7 @@ from flybox.daemon.telemetry.events import (
     FailureEvent,
     MicrographEvent,
     MissingCoordinatesEvent,
+    ModelEvent,
     OutputSetEvent,
     QuarantineEvent,
     StatusEvent,
@@ -228,6 +229,19 @@ class SessionMetrics:
             ["stage"],
         )
         self.picks = counter("flybox_picks", "Picks read for committed micrographs")
+        self.picks_by_origin = counter(
+            "flybox_picks_by_origin", "Picks of committed micrographs, by origin", ["origin"]
+        )
+        self.pick_score = histogram(
+            "flybox_micrograph_pick_score",
+            "The picker model's mean score per autopicked micrograph",
+            _FRACTION_BUCKETS,
+        )
+        self.pick_model_version = Gauge(
+            "flybox_pick_model_version",
+            "The picker model version in use ([picking]; 0: no picking)",
+            registry=registry,
+        )
         self.border_exclusions = counter(
             "flybox_border_exclusions", "Picks excluded because their box crosses the edge"
         )
@@ -326,6 +340,8 @@ class SessionMetrics:
             self.output_particles.labels(event.stream).set(event.particles)
         elif isinstance(event, WarningEvent):
             self.warnings.labels(event.code).inc()
+        elif isinstance(event, ModelEvent):
+            self.pick_model_version.set(event.version)
 
     def _micrograph(self, event: MicrographEvent) -> None:
         self.micrographs.labels("done").inc()
@@ -337,7 +353,11 @@ class SessionMetrics:
             self.stages.labels(stage).observe(max(seconds, 0.0))
         self.picks.inc(event.picks)
         self.border_exclusions.inc(event.excluded_border)
+        for origin, count in event.pick_origins.items():
+            self.picks_by_origin.labels(origin).inc(count)
         quality = event.quality
+        if quality.pick_score_mean is not None:
+            self.pick_score.observe(quality.pick_score_mean)
         for histogram, value in (
             (self.quality_gini, quality.gini),
             (self.quality_variance, quality.local_variance_mean),

@@ -41,6 +41,11 @@ def figure_value(
         The stream plain ``particles`` refers to (default: the event's first stream).
     """
     quality = event.quality
+    if figure.startswith("picks."):
+        origin = figure.partition(".")[2]
+        if not event.pick_origins:
+            return None
+        return float(event.pick_origins.get(origin, 0))
     if figure.startswith("particles"):
         _, _, stream = figure.partition(".")
         stream = stream or main_stream or next(iter(event.particles), "")
@@ -55,6 +60,7 @@ def figure_value(
         "defocus": quality.defocus_a,
         "border_fraction": quality.border_fraction_mean,
         "latency": event.latency_seconds,
+        "pick_score": quality.pick_score_mean,
     }
     return values[figure]
 

@@ -267,6 +267,14 @@ class Journal:
         ).fetchone()
         return None if row is None else _unit(row)
 
+    def current_units(self) -> list[UnitRecord]:
+        """The committed unit of every stem, in commit order."""
+        rows = self._db.execute(
+            "SELECT units.* FROM current JOIN units ON units.id = current.unit "
+            "ORDER BY units.updated"
+        ).fetchall()
+        return [_unit(row) for row in rows]
+
     def add_unit(self, stem: str, micrograph: str, key: str, inputs: dict[str, Any]) -> UnitRecord:
         """Create the next version of a stem; its older unfinished units become superseded."""
         now = time.time()

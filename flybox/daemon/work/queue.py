@@ -36,7 +36,7 @@ from types import TracebackType
 
 from flybox.config import FlyboxConfig
 from flybox.daemon.intake.complete import InputKind
-from flybox.daemon.intake.pairing import Pair
+from flybox.daemon.intake.pairing import AUTOPICK, Pair
 from flybox.daemon.state import JournalThread, SessionState, StemState
 from flybox.daemon.telemetry.events import (
     EventBus,
@@ -57,7 +57,7 @@ from flybox.errors import (
     TransientIOError,
     WorkerLostError,
 )
-from flybox.pipeline.job import JobResult, JobWarnings, MicrographJob, discard_job
+from flybox.pipeline.job import JobResult, JobWarnings, MicrographJob, Picker, discard_job
 from flybox.types import OpticsGroup
 
 __all__ = ["QuarantineCallback", "ReadyQueue", "UnitRunner", "quality_of"]
@@ -91,7 +91,17 @@ def quality_of(result: JobResult, pair: Pair) -> Quality:
         gini=_finite(result.stats.get("gini")),
         defocus_a=_finite(pair.ctf.mean_defocus_a) if pair.ctf is not None else None,
         border_fraction_mean=_finite(border),
+        pick_score_mean=_finite(result.stats.get("pick_score_mean")),
     )
+
+
+def pick_origins(result: JobResult) -> dict[str, int]:
+    """Picks by origin (``auto``, ``manual``, ``external``) of a picking session's unit."""
+    return {
+        origin: int(result.stats[f"picks_{origin}"])
+        for origin in ("auto", "manual", "external")
+        if result.stats.get(f"picks_{origin}")
+    }
 
 
 class ReadyQueue:
@@ -158,6 +168,8 @@ class UnitRunner:
         The RELION project folder: paths in STAR files are relative to it.
     job_warnings
         Reports each distinct warning of a worker (pixel size, picks outside) once.
+    picker
+        ``[picking]``: the autopick step for a model version.
     """
 
     def __init__(
@@ -176,8 +188,10 @@ class UnitRunner:
         release_picks: Callable[[str], None],
         project_dir: Path | None = None,
         job_warnings: JobWarnings | None = None,
+        picker: Callable[[int], Picker] | None = None,
     ) -> None:
         self.executor = executor
+        self._picker = picker
         self.committer = committer
         self.project_dir = project_dir if project_dir is not None else Path.cwd()
         self.job_warnings = job_warnings if job_warnings is not None else JobWarnings()
@@ -257,15 +271,21 @@ class UnitRunner:
         if self._running:
             await asyncio.wait(list(self._running.values()))
 
-    def _job(self, pair: Pair, group: OpticsGroup) -> MicrographJob:
+    def _job(self, pair: Pair, group: OpticsGroup, unit: UnitRecord | None = None) -> MicrographJob:
         config = self.config
+        picker = None
+        if self._picker is not None:
+            # In a picking session every unit has the step (it also marks pick origins).
+            version = unit.inputs.get("autopick_model") if unit is not None else None
+            picker = self._picker(version if isinstance(version, int) else 0)
+        coordinates = pair.coordinates.path if pair.coordinates.picks is None else None
         return MicrographJob(
             micrograph=pair.micrograph.path,
             name=pair.micrograph.path,
             output_dir=str(self.output_dir),
             chain=self.config.build_chain().spec,
             picks=pair.coordinates.picks,
-            coordinates=pair.coordinates.path if pair.coordinates.picks is None else None,
+            coordinates=None if coordinates == AUTOPICK else coordinates,
             ctf=pair.ctf,
             optics=group,
             pixel_size_a=config.micrograph.pixel_size,
@@ -273,6 +293,7 @@ class UnitRunner:
             float16=config.output.float16,
             project_dir=str(self.project_dir),
             stem=pair.stem,
+            picker=picker,
         )
 
     def _optics(self, pair: Pair) -> OpticsGroup:
@@ -288,7 +309,7 @@ class UnitRunner:
         try:
             try:
                 await journal.call(journal.journal.set_state, unit.id, "running", attempt=True)
-                result = await self.executor.submit(self._job(pair, group))
+                result = await self.executor.submit(self._job(pair, group, running))
             except asyncio.CancelledError:
                 if entry.unit is running:
                     entry.unit = replace(running, state="queued")
@@ -359,6 +380,10 @@ class UnitRunner:
                 excluded_border=result.excluded,
                 quality=quality_of(result, pair),
                 latency_seconds=latency,
+                pick_origins=pick_origins(result),
+                model_version=unit.inputs.get("autopick_model")
+                if pair.coordinates.path == AUTOPICK
+                else None,
                 stages={
                     "wait": entry.ready_at - origin,
                     "queue": submitted - entry.ready_at,

@@ -21,6 +21,8 @@ from flybox.types import CtfParams
 
 __all__ = [
     "UnitRequest",
+    "autopick_digest",
+    "autopick_versions",
     "ctf_text",
     "resolve_units",
     "settings_description",
@@ -80,3 +82,24 @@ def resolve_units(journal: Journal, requests: list[UnitRequest]) -> list[UnitRec
             continue
         units.append(journal.add_unit(stem, micrograph, key, inputs))
     return units
+
+
+def autopick_digest(version: int, model_sha: str, threshold: float, particle_size: float) -> str:
+    """What stands for the coordinates' content hash in the key of an autopicked unit: the
+    model version and its content, the threshold and the particle size."""
+    return f"autopick:v{version}:{model_sha}:t{threshold:g}:d{particle_size:g}"
+
+
+def autopick_versions(journal: Journal, stems: list[tuple[str, str]]) -> dict[str, int]:
+    """The model version each (stem, micrograph fingerprint) was autopicked with, for stems
+    whose newest unit was (blocking; on the journal thread): a restart, or a new model, never
+    repicks a micrograph by itself ("re-pick with the current model" does)."""
+    found = {}
+    for stem, fingerprint in stems:
+        latest = journal.latest(stem)
+        if latest is None or latest.inputs.get("fingerprint") != fingerprint:
+            continue
+        version = latest.inputs.get("autopick_model")
+        if isinstance(version, int):
+            found[stem] = version
+    return found
