@@ -59,6 +59,7 @@ BUILTIN_STEPS = {
     "mask": "flybox.processors.mask:MaskStep",
 }
 
+
 class _EntryPointLike(Protocol):
     """An entry point: the standard library's, or ``importlib_metadata``'s (another class, which
     the standard library's ``entry_points`` hands back once that backport is installed, e.g. by

@@ -27,6 +27,7 @@ __all__ = [
     "Counts",
     "Event",
     "EventBus",
+    "ExecutorStatus",
     "FailureEvent",
     "MicrographEvent",
     "MissingCoordinatesEvent",
@@ -93,6 +94,14 @@ class Backlog(_Model):
     )
 
 
+class ExecutorStatus(_Model):
+    """Where the work runs: the local pool, or a Dask cluster and whether it is reachable."""
+
+    kind: Literal["local", "dask"] = "local"
+    connected: bool = Field(default=True, description="False while a Dask scheduler is lost")
+    workers: int = Field(default=0, description="worker processes accepted")
+
+
 class StatusEvent(EventBase):
     """``PREFIX/status`` (retained): the session at a glance."""
 
@@ -103,6 +112,7 @@ class StatusEvent(EventBase):
     rates: Rates = Rates()
     backlog: Backlog = Backlog()
     version: str = ""
+    executor: ExecutorStatus = ExecutorStatus()
 
 
 class Quality(_Model):

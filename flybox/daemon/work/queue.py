@@ -247,9 +247,10 @@ class UnitRunner:
         if self._running:
             await asyncio.wait(list(self._running.values()))
 
-    def _job(self, pair: Pair, group: OpticsGroup) -> MicrographJob:
+    def _job(self, pair: Pair, group: OpticsGroup, unit: UnitRecord) -> MicrographJob:
         config = self.config
         return MicrographJob(
+            unit=f"{unit.key[:16]}-{unit.attempts}",
             micrograph=pair.micrograph.path,
             name=pair.micrograph.path,
             output_dir=str(self.output_dir),
@@ -277,7 +278,7 @@ class UnitRunner:
         try:
             try:
                 await journal.call(journal.journal.set_state, unit.id, "running", attempt=True)
-                result = await self.executor.submit(self._job(pair, group))
+                result = await self.executor.submit(self._job(pair, group, running))
             except asyncio.CancelledError:
                 if entry.unit is running:
                     entry.unit = replace(running, state="queued")
