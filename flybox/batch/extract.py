@@ -268,8 +268,14 @@ def execute(
             yield index, (error if error is not None else future.result())
 
 
-def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True) -> ExtractSummary:
-    """Run a planned batch, commit outputs, write every stream's STAR file, summarise."""
+def run_extraction(
+    plan: ExtractPlan, *, workers: int = 2, progress: bool = True, dask: str | None = None
+) -> ExtractSummary:
+    """Run a planned batch, commit outputs, write every stream's STAR file, summarise.
+
+    ``dask``: a Dask scheduler address, or ``"local"`` (``workers`` processes here), to run
+    the jobs on (:func:`flybox.pipeline.dask.run_on_dask`) instead of the local pool.
+    """
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -278,14 +284,21 @@ def run_extraction(plan: ExtractPlan, *, workers: int = 2, progress: bool = True
     failed: list[str] = []
     # The pool first: its workers are forked before any thread starts (progress bar,
     # committer).
-    pool = worker_pool(workers) if workers > 1 and len(plan.jobs) > 1 else None
+    use_pool = dask is None and workers > 1 and len(plan.jobs) > 1
+    pool = worker_pool(workers) if use_pool else None
     bar = tqdm(total=len(plan.jobs), unit="mic", disable=not progress or None, file=sys.stderr)
     # Commits (fsync + rename) run on their own thread, so that waiting for the disk never
     # delays handing the next micrograph to a worker.
     committer = futures.ThreadPoolExecutor(1, thread_name_prefix="flybox-commit")
     commits: list[futures.Future[None]] = []
     try:
-        for index, outcome in execute(plan.jobs, pool, workers):
+        if dask is not None:
+            from flybox.pipeline.dask import run_on_dask
+
+            outcomes = run_on_dask(plan.jobs, dask, workers)
+        else:
+            outcomes = execute(plan.jobs, pool, workers)
+        for index, outcome in outcomes:
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, FlyboxError | OSError | ValueError):
                     raise outcome

@@ -249,6 +249,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("running")
     run.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help='run on a Dask cluster: a scheduler address ("tcp://host:8786"), or "local" '
+        "(--workers processes on this machine); needs flybox[dask] (docs/scaling.md)",
+    )
 
 
 def extract_chain(args: argparse.Namespace, box: int, pixel_size_a: float | None) -> ChainSpec:
@@ -403,6 +409,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for path in plan.without_coordinates:
         log.warning("%s: no coordinates found; skipped", path)
-    summary = run_extraction(plan, workers=args.workers, progress=not args.no_progress)
+    summary = run_extraction(
+        plan, workers=args.workers, progress=not args.no_progress, dask=args.dask
+    )
     print(summary.line())
     return 1 if summary.failed else 0

@@ -19,11 +19,13 @@ worker before that fails (:class:`WorkerMismatchError`) and is retried elsewhere
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
 import secrets
 import sys
+from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ __all__ = [
     "fingerprint",
     "local_cluster",
     "run_dask_job",
+    "run_on_dask",
     "task_key",
     "threads",
     "worker_check",
@@ -156,6 +159,17 @@ async def check_workers(client: Client, expected: dict[str, str], known: set[str
     replies: dict[str, Any] = await client.run(
         worker_check, workers=sorted(workers), on_error="return"
     )
+    accepted, refused = judge(expected, workers, replies)
+    if refused:
+        await client.retire_workers(workers=refused, close_workers=True, remove=True)
+    return accepted
+
+
+def judge(
+    expected: dict[str, str], workers: set[str], replies: dict[str, Any]
+) -> tuple[set[str], list[str]]:
+    """Accepted and refused workers from their :func:`worker_check` replies (one log line per
+    refused worker)."""
     accepted, refused = set(), []
     for address in sorted(workers):
         reply = replies.get(address)
@@ -171,9 +185,7 @@ async def check_workers(client: Client, expected: dict[str, str], known: set[str
         else:
             log.error("dask worker %s refused: %s", address, problem)
             refused.append(address)
-    if refused:
-        await client.retire_workers(workers=refused, close_workers=True, remove=True)
-    return accepted
+    return accepted, refused
 
 
 async def workers_info(client: Client) -> dict[str, dict[str, Any]]:
@@ -213,3 +225,55 @@ def local_cluster(workers: int, *, asynchronous: bool = False) -> LocalCluster:
 def is_local(address: str) -> bool:
     """Whether an address asks for a cluster on this machine."""
     return address == LOCAL
+
+
+def run_on_dask(
+    jobs: Sequence[MicrographJob], address: str, workers: int
+) -> Iterator[tuple[int, JobResult | BaseException]]:
+    """Run jobs on a Dask cluster (``address``, or ``"local"``: ``workers`` processes here),
+    yielding ``(index, result or exception)`` as they finish, with at most twice the cluster's
+    task slots in flight (the batch command; the service has its asynchronous executor)."""
+    from distributed import Client, KilledWorker, as_completed
+
+    expected = fingerprint()
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(local_cluster(workers)) if is_local(address) else None
+        client = stack.enter_context(
+            Client(cluster if cluster is not None else address, timeout=30, set_as_default=False)  # type: ignore[no-untyped-call]
+        )
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        replies = client.run(worker_check, workers=sorted(info), on_error="return")
+        accepted, refused = judge(expected, set(info), replies)
+        if refused:
+            client.retire_workers(workers=refused, close_workers=True, remove=True)
+        if not accepted:
+            raise WorkerLostError(f"dask scheduler {address}: no worker runs this flybox")
+        limit = 2 * max(threads({a: w for a, w in info.items() if a in accepted}), 1)
+        pending: dict[str, tuple[int, MicrographJob]] = {}
+        queue = iter(enumerate(jobs))
+        running = as_completed(loop=client.loop)  # type: ignore[no-untyped-call]
+
+        def submit_next() -> bool:
+            for index, job in queue:
+                key = task_key(job)
+                attempt = tagged(job, key)
+                pending[key] = (index, attempt)
+                running.add(client.submit(run_dask_job, attempt, expected, key=key, pure=False))  # type: ignore[no-untyped-call]
+                return True
+            return False
+
+        while len(pending) < limit and submit_next():
+            pass
+        for future in running:
+            index, attempt = pending.pop(future.key)
+            try:
+                outcome: JobResult | BaseException = future.result()
+            except KilledWorker as exc:
+                discard_attempt(attempt)
+                outcome = WorkerLostError(f"{attempt.micrograph}: dask worker died ({exc})")
+            except Exception as exc:
+                discard_attempt(attempt)
+                outcome = exc
+            future.release()
+            submit_next()
+            yield index, outcome
