@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +27,9 @@ class DaskProcesses:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[Path] = []
 
-    def _dask(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _dask(
+        self, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = self.folder / f"dask-{name}.log"
         self._logs.append(log)
         with open(log, "ab") as handle:
@@ -76,8 +78,10 @@ class DaskProcesses:
 
     def wait_worker(self, name: str) -> None:
         wait_for(
-            lambda: b"Registered to" in self.log(f"worker-{name}")
-            or self.workers[name].poll() is not None,
+            lambda: (
+                b"Registered to" in self.log(f"worker-{name}")
+                or self.workers[name].poll() is not None
+            ),
             60,
             f"dask worker {name}",
         )

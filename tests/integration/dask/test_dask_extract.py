@@ -56,6 +56,7 @@ def test_dask_local_and_a_dask_scheduler_give_the_local_pools_bytes(tmp_path: Pa
     finally:
         cluster.close()
     _same_outputs(tmp_path / "pool", tmp_path / "dask-remote")
+
     def summary(out: str) -> str:  # the summary line without its timing
         return out.splitlines()[-1].rsplit("; ", 1)[0]
 

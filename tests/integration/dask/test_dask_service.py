@@ -178,7 +178,9 @@ def test_a_worker_with_another_flybox_is_refused(
     service.start()
     try:
         service.wait_running()
-        wait_for(lambda: cluster.workers["stale"].poll() is not None, 60, "the stale worker retired")
+        wait_for(
+            lambda: cluster.workers["stale"].poll() is not None, 60, "the stale worker retired"
+        )
         acquisition.run()
         _finish(service, output, inputs, cluster)
     finally:
@@ -187,4 +189,5 @@ def test_a_worker_with_another_flybox_is_refused(
             service.kill()
     refused = [line for line in service.output().splitlines() if "refused" in line]
     assert len(refused) == 1, refused
-    assert "0.0.1-other" in refused[0] and "flybox" in refused[0]
+    assert "0.0.1-other" in refused[0]
+    assert "flybox" in refused[0]
