@@ -21,6 +21,7 @@ Faults, as the service sees them:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -277,12 +278,12 @@ class DaskExecutor:
             except WorkerLostError:
                 await asyncio.to_thread(discard_attempt, attempt)
                 raise
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    self._abandoned.append((future, attempt))
-                    raise
-                # Dask cancelled it: the scheduler connection was lost. Submit it again.
+            except asyncio.CancelledError:  # the runner handed the unit back (drain)
+                self._abandoned.append((future, attempt))
+                raise
+            except concurrent.futures.CancelledError:
+                # Dask cancelled it (distributed's FutureCancelledError): the scheduler
+                # connection was lost. Submit it again once a scheduler answers.
                 self._abandoned.append((future, attempt))
                 self._lost("scheduler connection lost")
             except OSError as exc:
