@@ -157,6 +157,7 @@ def test_scheduler_away_for_30_seconds_then_back_the_session_completes(
     log = service.output()
     assert log.count("lost (") == 1 or log.count("unreachable (") == 1, log[-4000:]
     assert "connected again" in log
+    assert ": failed:" not in log  # work in flight was submitted again, not failed
 
 
 def test_a_worker_with_another_flybox_is_refused(
