@@ -321,6 +321,7 @@ def run_extraction(
     workers: int = 2,
     progress: bool = True,
     pool: futures.ProcessPoolExecutor | None = None,
+    dask: str | None = None,
 ) -> ExtractSummary:
     """Run a planned batch, commit outputs, write every stream's STAR file, summarise.
 
@@ -335,6 +336,9 @@ def run_extraction(
     pool
         A pool started earlier (:func:`flybox.pipeline.workers.worker_pool`, e.g. while the
         batch was planned); it is shut down at the end. Default: one is made here when it pays.
+    dask
+        A Dask scheduler address, or ``"local"`` (``workers`` processes here), to run the jobs
+        on (:func:`flybox.pipeline.dask.run_on_dask`) instead of the local pool.
     """
     from tqdm import tqdm
 
@@ -344,7 +348,7 @@ def run_extraction(
     failed: list[str] = []
     # The pool first: its workers are forked before any thread starts (progress bar,
     # committer).
-    if pool is None and workers > 1 and len(plan.jobs) > 1:
+    if pool is None and dask is None and workers > 1 and len(plan.jobs) > 1:
         pool = worker_pool(workers)
     bar = tqdm(total=len(plan.jobs), unit="mic", disable=not progress or None, file=sys.stderr)
     # Commits (fsync + rename) run on their own thread, so that waiting for the disk never
@@ -353,7 +357,13 @@ def run_extraction(
     warnings = JobWarnings()
     commits: list[futures.Future[None]] = []
     try:
-        for index, outcome in execute(plan.jobs, pool, workers):
+        if dask is not None:
+            from flybox.pipeline.dask import run_on_dask
+
+            outcomes = run_on_dask(plan.jobs, dask, workers)
+        else:
+            outcomes = execute(plan.jobs, pool, workers)
+        for index, outcome in outcomes:
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, FlyboxError | OSError):
                     raise outcome

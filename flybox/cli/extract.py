@@ -258,6 +258,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("running")
     run.add_argument("--workers", type=int, default=2, metavar="N", help="worker processes")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help='run on a Dask cluster: a scheduler address ("tcp://host:8786"), or "local" '
+        "(--workers processes on this machine); needs flybox[dask] (docs/scaling.md)",
+    )
 
 
 def extract_chain(args: argparse.Namespace, box: int, pixel_size_a: float | None) -> ChainSpec:
@@ -403,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     # Workers start now, while the batch is planned: forked after the chain's steps are
     # imported and validated (they inherit them), they warm their kernels up meanwhile.
     chain_for(chain)
-    pool = worker_pool(args.workers) if args.workers > 1 else None
+    pool = worker_pool(args.workers) if args.workers > 1 and args.dask is None else None
     try:
         plan = plan_extraction(
             ExtractRequest(
@@ -428,7 +434,9 @@ def run(args: argparse.Namespace) -> int:
         raise
     for path in plan.without_coordinates:
         log.warning("%s: no coordinates found; skipped", path)
-    summary = run_extraction(plan, workers=args.workers, progress=not args.no_progress, pool=pool)
+    summary = run_extraction(
+        plan, workers=args.workers, progress=not args.no_progress, pool=pool, dask=args.dask
+    )
     print(summary.line())
     if not any(summary.particles.values()):
         log.error("no particle was extracted")

@@ -110,15 +110,30 @@ class OutputConfig(_Section):
 
 
 class ExecutorConfig(_Section):
-    """``[executor]``: local worker processes, or the address of a Dask scheduler."""
+    """``[executor]``: local worker processes, or a Dask cluster (docs/scaling.md)."""
 
     workers: int = Field(default=2, ge=1, le=512)
+    #: ``"tcp://host:8786"`` (or ``tls://``): an existing Dask scheduler; ``"local"``: a Dask
+    #: cluster of ``workers`` processes on this machine; absent: the local process pool.
     address: str | None = None
     #: On SIGTERM/SIGINT, in-flight micrographs get this long to finish; the rest are handed
     #: back to the journal (queued) for the next start.
     drain_seconds: float = Field(default=30.0, ge=0)
     #: Attempts per micrograph before it is marked failed (worker crashes, I/O errors).
     max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("address")
+    @classmethod
+    def _dask_address(cls, value: str | None) -> str | None:
+        if value is None or value == "local":
+            return value
+        match = re.fullmatch(r"(tcp|tls)://([^:/\s]+|\[[0-9a-fA-F:]+\]):(\d{1,5})", value)
+        if match is None or not 0 < int(match.group(3)) < 65536:
+            raise ValueError(
+                f'{value!r} is not a Dask scheduler address: give "tcp://host:port" '
+                '(e.g. "tcp://10.0.0.5:8786") or "local"'
+            )
+        return value
 
 
 class MqttConfig(_Section):

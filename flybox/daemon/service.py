@@ -52,6 +52,7 @@ from flybox.daemon.state import JournalThread, SessionState
 from flybox.daemon.systemd import Notifier
 from flybox.daemon.telemetry.events import (
     EventBus,
+    ExecutorStatus,
     ServiceState,
     StatusEvent,
     WarningEvent,
@@ -150,11 +151,13 @@ class Service:
         if config.watch is None:
             raise ConfigError("watch", "flybox run needs a [watch] table (micrographs, …)")
         if config.executor.address is not None and executor is None:
-            raise ConfigError(
-                "executor.address",
-                "Dask executors are not available in this version; remove the key to use "
-                "local worker processes",
-            )
+            try:
+                import distributed  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "executor.address",
+                    "a Dask executor needs the [dask] extra: pip install 'flybox[dask]'",
+                ) from None
         self.config = config
         self.chain = config.build_chain()
         if self.chain.requires_ctf and config.watch.ctf is None:
@@ -214,6 +217,19 @@ class Service:
         self._loops: dict[str, asyncio.Task[None]] = {}
 
     # ----------------------------------------------------------------------------- helpers
+    def _new_executor(self) -> contextlib.AbstractAsyncContextManager[Executor]:
+        """``[executor] address`` absent: the local pool; else a Dask cluster."""
+        executor = self.config.executor
+        if executor.address is None:
+            return LocalExecutor(executor.workers)
+        from flybox.daemon.work.dask_executor import DaskExecutor
+
+        return DaskExecutor(executor.address, executor.workers)
+
+    def _executor_state(self) -> ExecutorStatus:
+        state = getattr(self._executor, "state", None)
+        return state if isinstance(state, ExecutorStatus) else ExecutorStatus()
+
     def status_snapshot(self) -> StatusEvent:
         """The current :class:`~flybox.daemon.telemetry.events.StatusEvent`."""
         status = self.progress.snapshot(self.state)
@@ -251,9 +267,8 @@ class Service:
             )
             await self._recover(committer)
             if self._executor is None:
-                self._executor = await stack.enter_async_context(
-                    LocalExecutor(self.config.executor.workers)
-                )
+                self._executor = await stack.enter_async_context(self._new_executor())
+            self.progress.executor = self._executor_state
             if self.picking is not None:
                 await stack.enter_async_context(self.picking)
             if self._telemetry:

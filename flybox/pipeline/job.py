@@ -99,6 +99,12 @@ class MicrographJob:
     picker
         The autopick step: used when neither ``picks`` nor ``coordinates`` is given; every
         pick then also carries its origin (``flyboxPickOrigin``), external ones too.
+    unit
+        The unit of work and attempt this job is (the service's unit key), for an executor's
+        task names; ``None`` outside the service.
+    temp_tag
+        Name the temporary files ``.<name>.<temp_tag>.tmp`` instead of a random tag, so that
+        an executor can find and remove those of an attempt that will never be committed.
     """
 
     micrograph: str
@@ -119,6 +125,8 @@ class MicrographJob:
     stem: str | None = None
     chunk_size: int = 32
     picker: Picker | None = None
+    unit: str | None = None
+    temp_tag: str | None = None
 
     @property
     def output_stem(self) -> str:
@@ -238,6 +246,13 @@ _wisdom_on_disk = False
 log = logging.getLogger(__name__)
 
 
+def _temp_name(job: MicrographJob, final: str) -> str:
+    if job.temp_tag is None:
+        return str(temp_path_for(final))
+    path = Path(final)
+    return str(path.with_name(f".{path.name}.{job.temp_tag}.tmp"))
+
+
 def run_job(job: MicrographJob) -> JobResult:
     """Process one micrograph; outputs are left under temporary names.
 
@@ -306,7 +321,7 @@ def run_job(job: MicrographJob) -> JobResult:
                 if stream not in writers:
                     stack_final = folder_paths[stream][0]
                     os.makedirs(os.path.dirname(stack_final), exist_ok=True)
-                    temps[stream] = str(temp_path_for(stack_final))
+                    temps[stream] = _temp_name(job, stack_final)
                     # No fsync here: commit_job() flushes before renaming (crash safety),
                     # off this worker's critical path.
                     writers[stream] = StackWriter(
@@ -343,7 +358,7 @@ def run_job(job: MicrographJob) -> JobResult:
         star_temp = None
         if len(rows):
             optics = optics_table([job.optics], pixel, box)
-            star_temp = str(temp_path_for(star_final))
+            star_temp = _temp_name(job, star_final)
             text = format_star_block("optics", optics) + "\n" + format_star_block("particles", rows)
             with open(star_temp, "w") as handle:
                 handle.write(text)

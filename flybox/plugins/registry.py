@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import importlib
 from functools import lru_cache
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import entry_points
+from typing import Protocol
 
 from pydantic import BaseModel
 
@@ -58,6 +59,18 @@ BUILTIN_STEPS = {
     "mask": "flybox.processors.mask:MaskStep",
 }
 
+
+class _EntryPointLike(Protocol):
+    """An entry point: the standard library's, or ``importlib_metadata``'s (another class, which
+    the standard library's ``entry_points`` hands back once that backport is installed, e.g. by
+    Dask), told apart from a built-in ``"module:attribute"`` string by duck typing."""
+
+    name: str
+    value: str
+
+    def load(self) -> object: ...
+
+
 _KIND_BASES: dict[str, type[Processor[StepSettings]]] = {
     "micrograph": MicrographProcessor,
     "extract": Extractor,
@@ -93,22 +106,22 @@ def validate_step(name: str, obj: object) -> type[Processor[StepSettings]]:
     return obj
 
 
-def _load(name: str, target: str | EntryPoint) -> type[Processor[StepSettings]]:
+def _load(name: str, target: str | _EntryPointLike) -> type[Processor[StepSettings]]:
     try:
-        if isinstance(target, EntryPoint):
-            obj = target.load()
-        else:
+        if isinstance(target, str):
             module, _, attribute = target.partition(":")
             obj = getattr(importlib.import_module(module), attribute)
+        else:
+            obj = target.load()
     except Exception as exc:  # any import-time failure of a plugin is reported, not raised
         raise PluginError(name, f"cannot be loaded: {type(exc).__name__}: {exc}") from exc
     return validate_step(name, obj)
 
 
 @lru_cache(maxsize=1)
-def _targets() -> tuple[dict[str, str | EntryPoint], dict[str, PluginError]]:
+def _targets() -> tuple[dict[str, str | _EntryPointLike], dict[str, PluginError]]:
     """Registered step names and where they live (nothing is imported yet)."""
-    targets: dict[str, str | EntryPoint] = dict(BUILTIN_STEPS)
+    targets: dict[str, str | _EntryPointLike] = dict(BUILTIN_STEPS)
     errors: dict[str, PluginError] = {}
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         builtin = BUILTIN_STEPS.get(entry_point.name)

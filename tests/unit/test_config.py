@@ -149,15 +149,17 @@ def test_run_warns_about_missing_folders_and_names_the_file_in_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "c.toml"
-    # Valid for `config check`, refused by `run` before anything starts (no Dask here).
+    # Valid for `config check`, refused by `run` before anything starts (a chain that needs
+    # each micrograph's CTF, and no CTF source).
     config.write_text(
         f"""[session]\nname = "s"\noutput = "{tmp_path / "out"}"\n
 [watch]\nmicrographs = ["{tmp_path}/nowhere/*.mrc"]\n
-[executor]\naddress = "tcp://scheduler:8786"\n"""
+[[chain]]\nstep = "extract"\nbox = 64\n
+[[chain]]\nstep = "phase_flip"\n"""
     )
     assert main(["run", "-c", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(
         f"warning: {config}: watch.micrographs[0]: folder {tmp_path}/nowhere does not exist"
     )
-    assert f"error: {config}: executor.address: Dask executors are not available" in err
+    assert f"error: {config}: watch.ctf: the chain needs each micrograph's CTF" in err

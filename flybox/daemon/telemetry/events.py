@@ -27,6 +27,7 @@ __all__ = [
     "Counts",
     "Event",
     "EventBus",
+    "ExecutorStatus",
     "FailureEvent",
     "MicrographEvent",
     "MissingCoordinatesEvent",
@@ -96,6 +97,14 @@ class Backlog(_Model):
     )
 
 
+class ExecutorStatus(_Model):
+    """Where the work runs: the local pool, or a Dask cluster and whether it is reachable."""
+
+    kind: Literal["local", "dask"] = "local"
+    connected: bool = Field(default=True, description="False while a Dask scheduler is lost")
+    workers: int = Field(default=0, description="worker processes accepted")
+
+
 class StatusEvent(EventBase):
     """``PREFIX/status`` (retained): the session at a glance."""
 
@@ -109,6 +118,7 @@ class StatusEvent(EventBase):
     unmatched_patterns: list[str] = Field(
         default_factory=list, description="[watch] patterns that have matched no file yet"
     )
+    executor: ExecutorStatus = ExecutorStatus()
 
 
 class Quality(_Model):

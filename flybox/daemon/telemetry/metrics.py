@@ -153,6 +153,16 @@ class _ScrapeCollector(Collector):
             "Particles committed over the last hour (all streams)",
             value=status.rates.particles_per_hour,
         )
+        yield GaugeMetricFamily(
+            "flybox_executor_connected",
+            "1 while the executor can run work (0 while a Dask scheduler is lost)",
+            value=1.0 if status.executor.connected else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "flybox_executor_workers",
+            "Worker processes of the executor (Dask: accepted workers)",
+            value=status.executor.workers,
+        )
         mqtt = self._mqtt()
         if mqtt is not None:
             yield GaugeMetricFamily(

@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterable
 from typing import Literal
 
 from flybox import __version__
-from flybox.daemon.telemetry.events import Backlog, Counts, Rates, ServiceState, StatusEvent
+from flybox.daemon.telemetry.events import (
+    Backlog,
+    Counts,
+    ExecutorStatus,
+    Rates,
+    ServiceState,
+    StatusEvent,
+)
 
 __all__ = ["Phase", "Progress"]
 
@@ -61,6 +68,9 @@ class Progress:
         self._commits: collections.deque[tuple[float, int]] = collections.deque()
         self._arrivals: collections.deque[float] = collections.deque()
         self._durations: collections.deque[float] = collections.deque(maxlen=50)
+        #: Where the work runs, read at each snapshot (set by the service once it has an
+        #: executor).
+        self.executor: Callable[[], ExecutorStatus] = ExecutorStatus
 
     def phase(self, stem: str) -> Phase | None:
         """A stem's phase."""
@@ -145,6 +155,7 @@ class Progress:
             rates=self.rates(),
             backlog=self.backlog(),
             version=__version__,
+            executor=self.executor(),
         )
 
     def line(self) -> str:

@@ -4,9 +4,11 @@ The service hands an executor a :class:`~flybox.pipeline.job.MicrographJob` (pat
 settings, small
 and picklable) and awaits a :class:`~flybox.pipeline.job.JobResult` (small metadata; the worker has
 written its outputs under temporary names). Any object with the :class:`Executor` methods
-will do: :class:`LocalExecutor` runs jobs in worker processes on this machine; a Dask
-executor would wrap ``distributed.Client.submit(run_job, job)`` the same way (workers then
+will do: :class:`LocalExecutor` runs jobs in worker processes on this machine;
+:class:`~flybox.daemon.work.dask_executor.DaskExecutor` on a Dask cluster (workers then
 read inputs and write temporary outputs on the shared file system, and the service commits).
+Both also have a ``state`` property (:class:`~flybox.daemon.telemetry.events.ExecutorStatus`)
+for status, metrics and MQTT.
 
 Workers come from a fork server that has imported the processing modules once
 (``flybox.pipeline.preload``): the service runs threads (watchdog, journal), so forking the service
@@ -24,6 +26,7 @@ import logging
 from types import TracebackType
 from typing import Protocol
 
+from flybox.daemon.telemetry.events import ExecutorStatus
 from flybox.errors import WorkerLostError
 from flybox.pipeline.job import JobResult, MicrographJob, run_job
 from flybox.pipeline.workers import ready_worker, worker_pool
@@ -70,6 +73,11 @@ class LocalExecutor:
     def workers(self) -> int:
         """Number of worker processes."""
         return self._workers
+
+    @property
+    def state(self) -> ExecutorStatus:
+        """For status, metrics and MQTT: always connected."""
+        return ExecutorStatus(kind="local", connected=self._pool is not None, workers=self._workers)
 
     def _new_pool(self) -> futures.ProcessPoolExecutor:
         return worker_pool(self._workers, fork=False)

@@ -271,7 +271,7 @@ class UnitRunner:
         if self._running:
             await asyncio.wait(list(self._running.values()))
 
-    def _job(self, pair: Pair, group: OpticsGroup, unit: UnitRecord | None = None) -> MicrographJob:
+    def _job(self, pair: Pair, group: OpticsGroup, unit: UnitRecord) -> MicrographJob:
         config = self.config
         picker = None
         if self._picker is not None:
@@ -280,6 +280,7 @@ class UnitRunner:
             picker = self._picker(version if isinstance(version, int) else 0)
         coordinates = pair.coordinates.path if pair.coordinates.picks is None else None
         return MicrographJob(
+            unit=f"{unit.key[:16]}-{unit.attempts}",
             micrograph=pair.micrograph.path,
             name=pair.micrograph.path,
             output_dir=str(self.output_dir),
