@@ -45,10 +45,11 @@ from types import TracebackType
 
 from flybox.config import FlyboxConfig, load_config
 from flybox.daemon.intake.stage import Intake
-from flybox.daemon.intake.watch import compile_pattern
-from flybox.daemon.state import JournalThread, SessionState
+from flybox.daemon.intake.watch import WatchPattern, compile_pattern
+from flybox.daemon.lock import OutputLock
+from flybox.daemon.state import Heartbeats, JournalThread, SessionState
 from flybox.daemon.systemd import Notifier
-from flybox.daemon.telemetry.events import EventBus, ServiceState, StatusEvent
+from flybox.daemon.telemetry.events import EventBus, Health, ServiceState, StatusEvent
 from flybox.daemon.telemetry.progress import Phase, Progress
 from flybox.daemon.work.commit import Committer
 from flybox.daemon.work.executor import Executor, LocalExecutor
@@ -67,6 +68,8 @@ STATUS_SECONDS = 5.0
 #: Failure codes whose units a restart queues again (the cause may be gone: a full disk,
 #: a crash, a fixed bug); ``processing`` failures are deterministic and stay failed.
 RETRIED_AT_START = ("worker_crash", "io_error", "internal")
+#: A journal call (the commits' thread) that has not returned after this long is a stall.
+JOURNAL_STALL_SECONDS = 120.0
 
 
 def check_settings(journal: Journal, digest: str, description: str, output: Path) -> None:
@@ -90,6 +93,30 @@ def check_settings(journal: Journal, digest: str, description: str, output: Path
     if recorded != digest:
         journal.set_meta("settings_hash", digest)
         journal.set_meta("settings", description)
+
+
+def check_output_outside_watch(output: Path, patterns: list[WatchPattern]) -> None:
+    """Refuse an output folder the watched tree reaches into: its own outputs (``.mrcs``
+    stacks, STAR files) would be taken as inputs, and every commit would start new work.
+
+    Raises
+    ------
+    ConfigError
+        When a watch pattern can match files inside ``output``.
+    """
+    resolved = os.path.realpath(output)
+    for pattern in patterns:
+        root = os.path.realpath(pattern.root)
+        if resolved != root and not resolved.startswith(root.rstrip("/") + "/"):
+            continue
+        depth = 0 if resolved == root else resolved[len(root) :].strip("/").count("/") + 1
+        if pattern.max_depth is None or depth < pattern.max_depth:
+            raise ConfigError(
+                "session.output",
+                f"{output} is inside the watched tree of {pattern.pattern!r}: the service "
+                "would take its own outputs as inputs; use an output folder outside the "
+                "watched folders",
+            )
 
 
 def _coordinate_patterns(config: FlyboxConfig) -> list[str]:
@@ -162,6 +189,9 @@ class Service:
         if self.watch.ctf is not None:
             patterns.append(compile_pattern("ctf", self.watch.ctf))
         self.patterns = patterns
+        check_output_outside_watch(self.output_dir, patterns)
+        self.heartbeats = Heartbeats()
+        self._lock = OutputLock(self.output_dir)
         self.journal = JournalThread(self.output_dir / ".flybox" / "journal.sqlite")
         self._ready = ReadyQueue()
         self.intake = Intake(
@@ -174,6 +204,7 @@ class Service:
             journal=self.journal,
             events=self.bus,
             enqueue=self._ready.put,
+            heartbeats=self.heartbeats,
         )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -185,9 +216,24 @@ class Service:
         self._loops: dict[str, asyncio.Task[None]] = {}
 
     # ----------------------------------------------------------------------------- helpers
+    def health(self) -> Health:
+        """Stalled loops (heartbeats) and a full disk, for the status and ``/healthz``."""
+        stalled = self.heartbeats.stalled()
+        disk = self.shared.disk
+        problems = [f"{name} loop stalled for {age:.0f} s" for name, age in stalled.items()]
+        if disk.full:
+            problems.append(f"disk full, commits waiting ({disk.problem})")
+        return Health(
+            ok=not problems,
+            stalled=sorted(stalled),
+            disk_full=disk.full,
+            problem="; ".join(problems),
+        )
+
     def status_snapshot(self) -> StatusEvent:
         """The current :class:`~flybox.daemon.telemetry.events.StatusEvent`."""
-        return self.progress.snapshot(self.state)
+        status = self.progress.snapshot(self.state)
+        return status.model_copy(update={"health": self.health()})
 
     def emit_status(self) -> None:
         """Emit the status now (and show it to systemd)."""
@@ -215,6 +261,7 @@ class Service:
         started = time.monotonic()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(self._lock)  # before anything in the folder is touched
             await stack.enter_async_context(self.journal)
             committer = self._committer = Committer(
                 self.output_dir, self.journal.journal, list(self.chain.streams)
@@ -245,11 +292,15 @@ class Service:
                     events=self.bus,
                     on_quarantine=self.intake.quarantine,
                     release_picks=self.intake.release_picks,
+                    heartbeats=self.heartbeats,
                 )
             )
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._loops = {
-                "service-status": tasks.create_task(self._status_loop(), name="service-status")
+                "service-status": tasks.create_task(self._status_loop(), name="service-status"),
+                "service-journal-beat": tasks.create_task(
+                    self._journal_beat_loop(), name="service-journal-beat"
+                ),
             }
             if self.notifier.watchdog_seconds:
                 self._loops["service-watchdog"] = tasks.create_task(
@@ -340,6 +391,18 @@ class Service:
                 last = time.monotonic()
                 self.emit_status()
 
+    async def _journal_beat_loop(self) -> None:
+        """The journal thread runs every commit: a no-op through it each second shows that
+        commits are not stuck (a hung file system shows as a stalled ``journal`` loop)."""
+        self.heartbeats.register("journal", JOURNAL_STALL_SECONDS)
+        try:
+            while True:
+                await self.journal.call(lambda: None)
+                self.heartbeats.beat("journal")
+                await asyncio.sleep(1.0)
+        finally:
+            self.heartbeats.unregister("journal")
+
     async def _watchdog_loop(self) -> None:
         assert self.notifier.watchdog_seconds is not None
         while True:
@@ -377,8 +440,30 @@ def run(config_path: str) -> int:
         For an invalid configuration (before anything starts).
     """
     config = load_config(config_path)
+    _say_relative_paths(config, config_path)
     try:
         return asyncio.run(_serve(config))
     except OSError as exc:  # an output folder that cannot be written, a port in use…
-        log.error("%s: %s", getattr(exc, "filename", None) or config_path, exc.strerror or exc)
+        # Name what failed (the file, else the operation), never the configuration file:
+        # the configuration was valid, the machine refused.
+        where = getattr(exc, "filename", None) or "flybox run"
+        log.error("%s: %s", where, exc.strerror or exc)
         return 1
+
+
+def _say_relative_paths(config: FlyboxConfig, config_path: str) -> None:
+    """Relative paths are taken from the working directory (not the configuration file's
+    folder); say so once, with what they resolve to, so that a surprise is visible."""
+    if config.session is None or config.watch is None:
+        return  # Service refuses it with the key path
+    paths = [str(config.session.output), *config.watch.micrographs, *config.watch.coordinates]
+    if config.watch.ctf is not None:
+        paths.append(config.watch.ctf)
+    relative = [p for p in paths if not os.path.isabs(os.path.expanduser(p))]
+    if relative:
+        log.info(
+            "%s: relative paths are taken from the working directory %s (%s)",
+            config_path,
+            os.getcwd(),
+            ", ".join(f"{p} → {os.path.abspath(p)}" for p in relative),
+        )

@@ -28,6 +28,7 @@ __all__ = [
     "Event",
     "EventBus",
     "FailureEvent",
+    "Health",
     "MicrographEvent",
     "MissingCoordinatesEvent",
     "OutputSetEvent",
@@ -93,6 +94,19 @@ class Backlog(_Model):
     )
 
 
+class Health(_Model):
+    """Whether the service makes progress: no stalled loop, room to commit."""
+
+    ok: bool = True
+    stalled: list[str] = Field(
+        default_factory=list, description="loops without progress (intake, work, journal)"
+    )
+    disk_full: bool = Field(
+        default=False, description="the output's file system is full: commits wait, then resume"
+    )
+    problem: str = Field(default="", description="one line: what is wrong")
+
+
 class StatusEvent(EventBase):
     """``PREFIX/status`` (retained): the session at a glance."""
 
@@ -103,6 +117,7 @@ class StatusEvent(EventBase):
     rates: Rates = Rates()
     backlog: Backlog = Backlog()
     version: str = ""
+    health: Health = Health()
 
 
 class Quality(_Model):

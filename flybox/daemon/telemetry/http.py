@@ -194,7 +194,10 @@ class HttpServer:
         if path == "/metrics":
             encoder, content_type = choose_encoder(headers.get("accept", ""))
             return _Response(HTTPStatus.OK, encoder(self._registry), content_type)
-        if path == "/healthz":
+        if path == "/healthz":  # the service decides (daemon/state.py Heartbeats, DiskSpace)
+            health = self._report().health
+            if not health.ok:
+                return _Response(HTTPStatus.SERVICE_UNAVAILABLE, f"{health.problem}\n".encode())
             return _Response(HTTPStatus.OK, b"ok\n")
         if path.startswith("/api/"):
             refused = self._refused(headers)
