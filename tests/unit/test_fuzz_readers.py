@@ -30,14 +30,14 @@ MEMORY_BYTES = 64 << 20
 HANG_SECONDS = 20
 
 
-class Hung(Exception):
+class HungError(Exception):
     pass
 
 
 @contextmanager
 def hang_guard() -> Iterator[None]:
     def _alarm(number: int, frame: FrameType | None) -> None:
-        raise Hung("the reader did not return")
+        raise HungError("the reader did not return")
 
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(HANG_SECONDS)
@@ -195,7 +195,7 @@ def _coordinate_text(rng: np.random.Generator) -> bytes:
             for _ in range(int(rng.integers(0, 6)))
         ]
         lines += [f"{label} #{i + 1}" for i, label in enumerate(labels)]
-    width = len(lines) and max(len(lines) - 3, 1) or int(rng.integers(2, 6))
+    width = (len(lines) and max(len(lines) - 3, 1)) or int(rng.integers(2, 6))
     hostile = float(rng.choice([0.0, 0.01, 0.2]))  # many files clean: the parsers go deep
     for _ in range(int(rng.integers(0, 40))):
         if rng.random() < hostile:

@@ -206,6 +206,7 @@ class UnitRunner:
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._schedule: asyncio.Task[None] | None = None
+        self._space: asyncio.Task[None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -216,7 +217,7 @@ class UnitRunner:
         async with contextlib.AsyncExitStack() as stack:
             self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._schedule = self._tasks.create_task(self._schedule_loop(), name="work-schedule")
-            self._tasks.create_task(self._space_loop(), name="work-space")
+            self._space = self._tasks.create_task(self._space_loop(), name="work-space")
             self._stack = stack.pop_all()
         return self
 
@@ -257,6 +258,8 @@ class UnitRunner:
         set) to finish and commit; hand the others back (they stay queued)."""
         if self._schedule is not None:
             self._schedule.cancel()
+        if self._space is not None:
+            self._space.cancel()
         self.heartbeats.unregister("work")
         self._ready.clear()
         if self._running:
