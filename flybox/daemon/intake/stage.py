@@ -122,6 +122,7 @@ class Intake:
         self.heartbeats = heartbeats or Heartbeats()
         self._bad_names: dict[str, str] = {}
         self._retry_at: dict[str, float] = {}
+        self._disk_logged: set[str] = set()
         self.patterns = list(patterns)
         self.session = session
         self.output_dir = output_dir
@@ -292,7 +293,9 @@ class Intake:
             if is_disk_full(exc):
                 state.decided = None
                 self._retry_at[path] = time.monotonic() + DISK_RETRY_SECONDS
-                log.warning("%s: not taken in yet: disk full (%s)", shown(path), exc)
+                level = logging.DEBUG if path in self._disk_logged else logging.WARNING
+                self._disk_logged.add(path)  # once per file: a long outage must not flood
+                log.log(level, "%s: not taken in yet: disk full (%s)", shown(path), exc)
                 return
             reason = f"internal error while reading it: {type(exc).__name__}: {exc}"
             log.error("%s: %s", shown(path), reason, exc_info=exc)
