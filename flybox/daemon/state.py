@@ -221,3 +221,16 @@ class DiskSpace:
         self.problem = ""
         self.since = 0.0
         self.episodes = 0
+        #: Whether this episode was announced (log line, alert event).
+        self.announced = False
+        #: Set when the disk became full (the work stage's space probe waits on it).
+        self.wake = asyncio.Event()
+
+    def report(self, error: BaseException) -> None:
+        """A write failed for lack of space (any stage): commits wait until a probe passes."""
+        self.problem = f"{type(error).__name__}: {error}"
+        if not self.full:
+            self.full = True
+            self.since = time.monotonic()
+            self.episodes += 1
+        self.wake.set()

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -247,6 +248,13 @@ def _health(config: Path) -> tuple[int, str]:
         return int(error.code), error.read().decode()
 
 
+def _fill(handle: BinaryIO) -> None:
+    with pytest.raises(OSError, match="No space left"):  # noqa: PT012 - until the disk is full
+        while True:
+            handle.write(b"\0" * (1 << 20))
+            handle.flush()
+
+
 def test_a_full_disk_pauses_commits_and_the_session_finishes_when_space_returns(
     tmp_path: Path,
 ) -> None:
@@ -260,11 +268,8 @@ def test_a_full_disk_pauses_commits_and_the_session_finishes_when_space_returns(
         service.start()
         service.wait_running()
         filler = output / "filler.bin"
-        # leave about 1 MiB: the journal and the first outputs fit, then the disk is full
-        free = shutil.disk_usage(output).free
-        with open(filler, "wb") as handle:
-            handle.truncate(0)
-            handle.write(b"\0" * max(free - (1 << 20), 0))
+        with open(filler, "wb") as handle:  # every byte: nothing fits until it is removed
+            _fill(handle)
         try:
             stems = [f"m{index}" for index in range(8)]
             for index, stem in enumerate(stems):

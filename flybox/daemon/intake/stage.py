@@ -291,6 +291,7 @@ class Intake:
                 await self._guarded(state, timeout)
                 return
             if is_disk_full(exc):
+                self._state.disk.report(exc)  # the work stage probes and says so
                 state.decided = None
                 self._retry_at[path] = time.monotonic() + DISK_RETRY_SECONDS
                 level = logging.DEBUG if path in self._disk_logged else logging.WARNING

@@ -188,7 +188,6 @@ class UnitRunner:
         self.heartbeats = heartbeats or Heartbeats()
         self._disk = state.disk
         self._paused: dict[str, None] = {}
-        self._space_wake = asyncio.Event()
         self.committer = committer
         self.config = config
         self.session = session
@@ -422,27 +421,25 @@ class UnitRunner:
             entry.unit = replace(unit, state="queued")
             self._state.set_phase(unit.stem, "queued")
             self._paused[unit.stem] = None
+        self._disk.report(error)
+
+    def _announce_full(self) -> None:
         disk = self._disk
-        disk.problem = f"{type(error).__name__}: {error}"
-        if not disk.full:
-            disk.full = True
-            disk.since = time.monotonic()
-            disk.episodes += 1
-            log.error(
-                "%s: disk full (%s): committing stops; resuming by itself when space returns",
-                self.output_dir,
-                disk.problem,
+        disk.announced = True
+        log.error(
+            "%s: disk full (%s): committing stops; resuming by itself when space returns",
+            self.output_dir,
+            disk.problem,
+        )
+        self._events.emit(
+            AlertEvent(
+                session=self.session,
+                rule="disk_full",
+                active=True,
+                message=f"{self.output_dir}: disk full; committing stopped ({disk.problem})",
             )
-            self._events.emit(
-                AlertEvent(
-                    session=self.session,
-                    rule="disk_full",
-                    active=True,
-                    message=f"{self.output_dir}: disk full; committing stopped ({disk.problem})",
-                )
-            )
-            self._state.mark_dirty()
-        self._space_wake.set()
+        )
+        self._state.mark_dirty()
 
     def _probe_space(self) -> None:
         """Write, sync and remove a small file in the output folder, and write the journal
@@ -461,8 +458,10 @@ class UnitRunner:
         """While the disk is full: probe with backoff; resume when a probe succeeds."""
         first, longest = SPACE_PROBE_SECONDS
         while True:
-            await self._space_wake.wait()
-            self._space_wake.clear()
+            await self._disk.wake.wait()
+            self._disk.wake.clear()
+            if self._disk.full and not self._disk.announced:
+                self._announce_full()
             delay = first
             while self._disk.full:
                 await asyncio.sleep(delay)
@@ -478,7 +477,7 @@ class UnitRunner:
     def _resume(self) -> None:
         disk = self._disk
         waited = time.monotonic() - disk.since
-        disk.full = False
+        disk.full = disk.announced = False
         log.info(
             "%s: space again after %.0f s; committing resumes (%d micrographs waiting)",
             self.output_dir,
