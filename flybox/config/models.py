@@ -10,6 +10,7 @@ wrong step order are refused at start, never halfway through a session.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -86,11 +87,14 @@ class WatchConfig(_Section):
     coordinate_suffix: str | None = None
     ctf: str | None = None
     mode: Literal["auto", "poll"] = "auto"
-    rescan_seconds: float = Field(default=30.0, gt=0)
-    settle_seconds: float = Field(default=1.0, ge=0)
+    #: Full scans this often (at least every 0.5 s: a scan walks the whole watched tree).
+    rescan_seconds: float = Field(default=30.0, ge=0.5, le=86400, allow_inf_nan=False)
+    #: A file must stay unchanged this long before it is used (at most an hour: longer
+    #: would mean never).
+    settle_seconds: float = Field(default=1.0, ge=0, le=3600, allow_inf_nan=False)
     #: A file that stays incomplete (MRC shorter than its header says, text that does not
     #: parse) this long without changing is quarantined.
-    incomplete_timeout_seconds: float = Field(default=120.0, gt=0)
+    incomplete_timeout_seconds: float = Field(default=120.0, gt=0, allow_inf_nan=False)
     #: A complete micrograph whose coordinates (or CTF) have not come after this long is
     #: reported (it keeps waiting).
     pairing_timeout_seconds: float = Field(default=600.0, gt=0)
@@ -157,6 +161,22 @@ class MqttConfig(_Section):
     reconnect_max_seconds: float = Field(
         default=10.0, gt=0, description="longest wait between reconnection attempts"
     )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix_publishable(cls, value: str | None) -> str | None:
+        # MQTT forbids wildcards and NUL in topics one publishes to: the broker would drop
+        # the connection on every event.
+        if value is not None:
+            bad = sorted({c for c in value if c in "#+\0"})
+            if bad:
+                raise ValueError(
+                    f"a topic to publish to cannot contain {', '.join(map(repr, bad))} "
+                    "(MQTT wildcards)"
+                )
+            if not value.strip("/"):
+                raise ValueError("an empty topic prefix; leave it out for flybox/<session>")
+        return value
 
 
 class HttpConfig(_Section):
@@ -308,6 +328,19 @@ class FlyboxConfig(_Section):
     @model_validator(mode="after")
     def _chain_builds(self) -> FlyboxConfig:
         self.build_chain()
+        return self
+
+    @model_validator(mode="after")
+    def _workers_fit_the_machine(self) -> FlyboxConfig:
+        # Local worker processes beyond a few per core only add memory and contention (each
+        # holds a micrograph and FFT plans); a Dask scheduler's workers live elsewhere.
+        cores = os.cpu_count() or 1
+        if self.executor.address is None and self.executor.workers > 4 * cores:
+            raise ConfigError(
+                "executor.workers",
+                f"{self.executor.workers} local worker processes on {cores} cores: at most "
+                f"{4 * cores} (4 per core)",
+            )
         return self
 
     @model_validator(mode="after")

@@ -46,13 +46,15 @@ from types import TracebackType
 from flybox.config import FlyboxConfig, load_config
 from flybox.config.warnings import config_warnings
 from flybox.daemon.intake.stage import Intake
-from flybox.daemon.intake.watch import compile_pattern
+from flybox.daemon.intake.watch import WatchPattern, compile_pattern
+from flybox.daemon.lock import OutputLock
 from flybox.daemon.picking import LivePicking
-from flybox.daemon.state import JournalThread, SessionState
+from flybox.daemon.state import Heartbeats, JournalThread, SessionState
 from flybox.daemon.systemd import Notifier
 from flybox.daemon.telemetry.events import (
     EventBus,
     ExecutorStatus,
+    Health,
     ServiceState,
     StatusEvent,
     WarningEvent,
@@ -78,6 +80,8 @@ STATUS_SECONDS = 5.0
 #: Failure codes whose units a restart queues again (the cause may be gone: a full disk,
 #: a crash, a fixed bug); ``processing`` failures are deterministic and stay failed.
 RETRIED_AT_START = ("worker_crash", "io_error", "internal")
+#: A journal call (the commits' thread) that has not returned after this long is a stall.
+JOURNAL_STALL_SECONDS = 120.0
 
 
 def check_settings(journal: Journal, digest: str, description: str, output: Path) -> None:
@@ -101,6 +105,30 @@ def check_settings(journal: Journal, digest: str, description: str, output: Path
     if recorded != digest:
         journal.set_meta("settings_hash", digest)
         journal.set_meta("settings", description)
+
+
+def check_output_outside_watch(output: Path, patterns: list[WatchPattern]) -> None:
+    """Refuse an output folder the watched tree reaches into: its own outputs (``.mrcs``
+    stacks, STAR files) would be taken as inputs, and every commit would start new work.
+
+    Raises
+    ------
+    ConfigError
+        When a watch pattern can match files inside ``output``.
+    """
+    resolved = os.path.realpath(output)
+    for pattern in patterns:
+        root = os.path.realpath(pattern.root)
+        if resolved != root and not resolved.startswith(root.rstrip("/") + "/"):
+            continue
+        depth = 0 if resolved == root else resolved[len(root) :].strip("/").count("/") + 1
+        if pattern.max_depth is None or depth < pattern.max_depth:
+            raise ConfigError(
+                "session.output",
+                f"{output} is inside the watched tree of {pattern.pattern!r}: the service "
+                "would take its own outputs as inputs; use an output folder outside the "
+                "watched folders",
+            )
 
 
 def _coordinate_patterns(config: FlyboxConfig) -> list[str]:
@@ -180,6 +208,9 @@ class Service:
             patterns.append(compile_pattern("ctf", self.watch.ctf))
         self.patterns = patterns
         self.matched = PatternMatches(patterns)
+        check_output_outside_watch(self.output_dir, patterns)
+        self.heartbeats = Heartbeats()
+        self._lock = OutputLock(self.output_dir)
         self.journal = JournalThread(self.output_dir / ".flybox" / "journal.sqlite")
         self._ready = ReadyQueue()
         self.picking: LivePicking | None = None
@@ -204,6 +235,7 @@ class Service:
             enqueue=self._ready.put,
             on_seen=self.matched.see,
             autopick=self.picking,
+            heartbeats=self.heartbeats,
         )
         if self.picking is not None:
             self.picking.intake = self.intake
@@ -230,10 +262,26 @@ class Service:
         state = getattr(self._executor, "state", None)
         return state if isinstance(state, ExecutorStatus) else ExecutorStatus()
 
+    def health(self) -> Health:
+        """Stalled loops (heartbeats) and a full disk, for the status and ``/healthz``."""
+        stalled = self.heartbeats.stalled()
+        disk = self.shared.disk
+        problems = [f"{name} loop stalled for {age:.0f} s" for name, age in stalled.items()]
+        if disk.full:
+            problems.append(f"disk full, commits waiting ({disk.problem})")
+        return Health(
+            ok=not problems,
+            stalled=sorted(stalled),
+            disk_full=disk.full,
+            problem="; ".join(problems),
+        )
+
     def status_snapshot(self) -> StatusEvent:
         """The current :class:`~flybox.daemon.telemetry.events.StatusEvent`."""
         status = self.progress.snapshot(self.state)
-        return status.model_copy(update={"unmatched_patterns": self.matched.unmatched})
+        return status.model_copy(
+            update={"unmatched_patterns": self.matched.unmatched, "health": self.health()}
+        )
 
     def emit_status(self) -> None:
         """Emit the status now (and show it to systemd)."""
@@ -261,6 +309,7 @@ class Service:
         started = time.monotonic()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(self._lock)  # before anything in the folder is touched
             await stack.enter_async_context(self.journal)
             committer = self._committer = Committer(
                 self.output_dir, self.journal.journal, list(self.chain.streams)
@@ -305,11 +354,15 @@ class Service:
                     project_dir=self.project_dir,
                     job_warnings=self.job_warnings,
                     picker=self.picking.autopick_for if self.picking is not None else None,
+                    heartbeats=self.heartbeats,
                 )
             )
             tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._loops = {
-                "service-status": tasks.create_task(self._status_loop(), name="service-status")
+                "service-status": tasks.create_task(self._status_loop(), name="service-status"),
+                "service-journal-beat": tasks.create_task(
+                    self._journal_beat_loop(), name="service-journal-beat"
+                ),
             }
             if self.notifier.watchdog_seconds:
                 self._loops["service-watchdog"] = tasks.create_task(
@@ -400,6 +453,18 @@ class Service:
                 last = time.monotonic()
                 self.emit_status()
 
+    async def _journal_beat_loop(self) -> None:
+        """The journal thread runs every commit: a no-op through it each second shows that
+        commits are not stuck (a hung file system shows as a stalled ``journal`` loop)."""
+        self.heartbeats.register("journal", JOURNAL_STALL_SECONDS)
+        try:
+            while True:
+                await self.journal.call(lambda: None)
+                self.heartbeats.beat("journal")
+                await asyncio.sleep(1.0)
+        finally:
+            self.heartbeats.unregister("journal")
+
     async def _watchdog_loop(self) -> None:
         assert self.notifier.watchdog_seconds is not None
         while True:
@@ -437,8 +502,30 @@ def run(config_path: str) -> int:
         For an invalid configuration (before anything starts).
     """
     config = load_config(config_path)
+    _say_relative_paths(config, config_path)
     try:
         return asyncio.run(_serve(config))
     except OSError as exc:  # an output folder that cannot be written, a port in use…
-        log.error("%s: %s", getattr(exc, "filename", None) or config_path, exc.strerror or exc)
+        # Name what failed (the file, else the operation), never the configuration file:
+        # the configuration was valid, the machine refused.
+        where = getattr(exc, "filename", None) or "flybox run"
+        log.error("%s: %s", where, exc.strerror or exc)
         return 1
+
+
+def _say_relative_paths(config: FlyboxConfig, config_path: str) -> None:
+    """Relative paths are taken from the working directory (not the configuration file's
+    folder); say so once, with what they resolve to, so that a surprise is visible."""
+    if config.session is None or config.watch is None:
+        return  # Service refuses it with the key path
+    paths = [str(config.session.output), *config.watch.micrographs, *config.watch.coordinates]
+    if config.watch.ctf is not None:
+        paths.append(config.watch.ctf)
+    relative = [p for p in paths if not os.path.isabs(os.path.expanduser(p))]
+    if relative:
+        log.info(
+            "%s: relative paths are taken from the working directory %s (%s)",
+            config_path,
+            os.getcwd(),
+            ", ".join(f"{p} → {os.path.abspath(p)}" for p in relative),
+        )

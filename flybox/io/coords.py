@@ -20,8 +20,10 @@ from flybox.errors import CoordinateFormatError, StarFormatError
 from flybox.io.star import read_relion_star, read_star, write_star
 
 __all__ = [
+    "PICK_COLUMNS",
     "CoordFormat",
     "detect_format",
+    "pick_columns",
     "read_coordinates",
     "write_coordinates_star",
 ]
@@ -50,6 +52,49 @@ _CBOX_EXTRA = {
 }
 
 
+#: RELION columns of a picks table that describe the pick itself and go into the particle
+#: STAR file (position, score, class, angles, helical tube, per-particle CTF and origin).
+#: Any other ``rln*`` column of a picks file (``rlnCtfImage``, ``rlnImageName``…) names
+#: something of the picker's project and is not copied (see :func:`pick_columns`).
+PICK_COLUMNS = frozenset(
+    {
+        "rlnCoordinateX",
+        "rlnCoordinateY",
+        "rlnCoordinateZ",
+        "rlnAutopickFigureOfMerit",
+        "rlnClassNumber",
+        "rlnAnglePsi",
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnHelicalTubeID",
+        "rlnHelicalTrackLength",
+        "rlnHelicalTrackLengthAngst",
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnCtfBfactor",
+        "rlnCtfScalefactor",
+        "rlnPhaseShift",
+        "rlnCtfMaxResolution",
+        "rlnCtfFigureOfMerit",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnMicrographName",
+    }
+)
+
+
+def pick_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` without the ``rln*`` columns that are not in :data:`PICK_COLUMNS` (other
+    columns, such as crYOLO's and Xmipp's under flybox's names, stay)."""
+    extra = [c for c in table.columns if str(c).startswith("rln") and c not in PICK_COLUMNS]
+    if not extra:
+        return table
+    kept = table.drop(columns=extra)
+    kept.attrs.update(table.attrs)
+    return kept
+
+
 def detect_format(path: PathLike) -> CoordFormat:
     """Guess the coordinate format of ``path`` from its extension and, for text, its header.
 
@@ -74,6 +119,57 @@ def detect_format(path: PathLike) -> CoordFormat:
     except OSError:
         return "text"
     return "topaz" if {"image_name", "x_coord"} <= set(first) else "text"
+
+
+#: Bounds of a coordinate file (beyond them it is refused before parsing, so that one file
+#: can neither take the memory nor the time of the service: cost stays linear in the size).
+MAX_BYTES = 64 << 20
+MAX_LINE_BYTES = 64 << 10
+MAX_ROWS = 2_000_000
+MAX_COLUMNS = 1_000
+
+
+def check_text_bounds(path: PathLike) -> None:
+    """Refuse a text coordinate file that is too large, binary or not UTF-8, has a line
+    longer than :data:`MAX_LINE_BYTES`, more than :data:`MAX_ROWS` lines or more than
+    :data:`MAX_COLUMNS` STAR labels (one linear pass over at most :data:`MAX_BYTES`).
+
+    Raises
+    ------
+    CoordinateFormatError
+        Naming the bound.
+    """
+    size = os.path.getsize(path)
+    if size > MAX_BYTES:
+        raise CoordinateFormatError(
+            path, f"{size} bytes: larger than {MAX_BYTES >> 20} MiB, not a coordinate file"
+        )
+    with open(path, "rb") as handle:
+        data = handle.read()  # size checked above (a read(n) would allocate n)
+    if b"\0" in data:
+        raise CoordinateFormatError(path, "not a text file (NUL bytes)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CoordinateFormatError(
+            path, f"not a text file (not UTF-8 at byte {exc.start})"
+        ) from None
+    lines = data.count(b"\n") + 1
+    if lines > MAX_ROWS:
+        raise CoordinateFormatError(path, f"{lines} lines: more than {MAX_ROWS}")
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        if end - start > MAX_LINE_BYTES:
+            number = data.count(b"\n", 0, start) + 1
+            raise CoordinateFormatError(
+                path, f"line {number}: {end - start} bytes, longer than {MAX_LINE_BYTES}"
+            )
+        start = end + 1
+    labels = data.count(b"\n_") + data.startswith(b"_")
+    if labels > MAX_COLUMNS:
+        raise CoordinateFormatError(path, f"{labels} STAR labels: more than {MAX_COLUMNS}")
 
 
 def _frame(x: Any, y: Any, **columns: Any) -> pd.DataFrame:
@@ -190,9 +286,15 @@ def _star_blocks(path: PathLike) -> dict[str, Any]:
     if os.path.getsize(path) == 0:
         return {}
     try:
-        return read_star(path)
+        blocks = read_star(path)
     except StarFormatError as exc:
         raise CoordinateFormatError(path, exc.problem) from exc
+    if not blocks:
+        with open(path, "rb") as handle:
+            text = handle.read()
+        if any(line.strip() and not line.lstrip().startswith(b"#") for line in text.split(b"\n")):
+            raise CoordinateFormatError(path, "no data_ block: not a STAR file")
+    return blocks
 
 
 def _numeric_column(path: PathLike, table: pd.DataFrame, column: str) -> np.ndarray[Any, Any]:
@@ -352,6 +454,14 @@ def read_coordinates(
     if chosen not in get_args(CoordFormat):
         raise ValueError(f"unknown coordinate format {chosen!r}")
     try:
+        if chosen == "cryosparc_cs":
+            size = os.path.getsize(path)
+            if size > MAX_BYTES:
+                raise CoordinateFormatError(
+                    path, f"{size} bytes: larger than {MAX_BYTES >> 20} MiB"
+                )
+        else:
+            check_text_bounds(path)
         if chosen == "eman_box":
             table = _read_eman_box(path)
         elif chosen == "text":
@@ -368,6 +478,12 @@ def read_coordinates(
             table = _read_relion_star(path)
     except OSError as exc:
         raise CoordinateFormatError(path, f"cannot read: {exc.strerror or exc}") from exc
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        # a malformed file that a parser below did not anticipate: still the file's problem
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CoordinateFormatError(path, f"malformed: {reason}") from exc
+    if X not in table.columns or Y not in table.columns:
+        raise CoordinateFormatError(path, "no x/y coordinate columns")
     bad = ~np.isfinite(table[[X, Y]].to_numpy()).all(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])

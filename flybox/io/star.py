@@ -91,6 +91,10 @@ def read_star(path: PathLike) -> dict[str, StarBlock]:
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StarFormatError(path, f"cannot parse STAR file: {reason}") from exc
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and block.columns.duplicated().any():
+            twice = block.columns[block.columns.duplicated()][0]
+            raise StarFormatError(path, f"data_{name}: column _{twice} appears twice")
     return dict(blocks)
 
 

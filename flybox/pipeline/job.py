@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from flybox.errors import ProcessingError
+from flybox.errors import MrcFormatError, ProcessingError
 from flybox.io.atomic import rename_into_place, temp_path_for
-from flybox.io.coords import read_coordinates
+from flybox.io.coords import pick_columns, read_coordinates
 from flybox.io.fftw_wisdom import FileWisdomStore, default_wisdom_path
 from flybox.io.mrc import StackWriter, read_micrograph
 from flybox.io.star import format_star_block
@@ -217,6 +217,7 @@ def _load_picks(job: MicrographJob, pixel_size_a: float) -> pd.DataFrame:
         )
     else:
         raise ProcessingError(job.micrograph, "no coordinates for this micrograph")
+    picks = pick_columns(picks)  # a picks file's other rln* columns stay out of the outputs
     picks = picks.drop(columns=["rlnMicrographName", "rlnImageName"], errors="ignore")
     picks = picks.drop(columns=["rlnParticleSelectionType"], errors="ignore")
     if job.picking_pixel_size_a is not None and abs(job.picking_pixel_size_a - pixel_size_a) > 1e-6:
@@ -231,6 +232,25 @@ def _with_origins(picks: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
     origins = picks[PICK_ORIGIN_COLUMN].astype(str)
     counts = {f"picks_{o}": float((origins == o).sum()) for o in ("auto", "manual", "external")}
     return picks, counts
+
+
+#: The largest magnitude float16 holds (beyond it: Inf).
+_FLOAT16_MAX = 65504.0
+
+
+def _check_finite(job: MicrographJob, stream: str, images: np.ndarray[Any, Any]) -> None:
+    """No particle with a non-finite value is written (values near float32's limit overflow
+    in processing; beyond 65504 float16 gives Inf)."""
+    finite = np.isfinite(images)
+    if not finite.all():
+        raise MrcFormatError(
+            job.micrograph,
+            f"{stream}: processing gave non-finite values (pixel values too large?)",
+        )
+    if job.float16 and images.size and float(np.abs(images).max()) > _FLOAT16_MAX:
+        raise MrcFormatError(
+            job.micrograph, f"{stream}: particle values beyond float16's range (65504)"
+        )
 
 
 def use_disk_wisdom() -> None:
@@ -267,6 +287,9 @@ def run_job(job: MicrographJob) -> JobResult:
     started = time.perf_counter()
     chain = chain_for(job.chain)
     image, info = read_micrograph(job.micrograph, mmap=True)
+    if not np.isfinite(image).all():  # NaN/Inf pixels would give NaN particles
+        bad = int(np.count_nonzero(~np.isfinite(image)))
+        raise MrcFormatError(job.micrograph, f"{bad} non-finite pixel values (NaN or Inf)")
     pixel_size = job.pixel_size_a or job.optics.micrograph_pixel_size_a or info.pixel_size_a
     if not pixel_size:
         raise ProcessingError(job.micrograph, "no pixel size in the header; set --pixel-size")
@@ -331,7 +354,9 @@ def run_job(job: MicrographJob) -> JobResult:
                         float16=job.float16,
                         sync=False,
                     )
-                writers[stream].append(stack.real(), stack.image_stats)
+                images = stack.real()
+                _check_finite(job, stream, images)
+                writers[stream].append(images, stack.image_stats)
                 tables[stream].append(stack.table)
                 pixel_sizes[stream] = stack.pixel_size_a
                 boxes[stream] = stack.box

@@ -237,12 +237,13 @@ async def test_a_rewritten_micrograph_is_processed_again_as_a_new_version(tmp_pa
     assert service.status_snapshot().particles == {"particles": 8, "particles_small": 8}
 
 
-class FullDiskExecutor(ThreadExecutor):
-    """Every job fails as on a full disk."""
+class FailingDiskExecutor(ThreadExecutor):
+    """Every job fails with an I/O error (EIO; a full disk, ENOSPC, is not a failure since
+    issue 9: the service waits for space, see tests/integration/test_hardening.py)."""
 
     def submit(self, job: MicrographJob) -> asyncio.Future[JobResult]:
         def fail() -> JobResult:
-            raise OSError(28, "No space left on device", job.output_dir)
+            raise OSError(5, "Input/output error", job.output_dir)
 
         return asyncio.wrap_future(self._pool.submit(fail))
 
@@ -253,12 +254,14 @@ async def test_a_micrograph_failed_by_io_errors_is_retried_then_done_after_a_res
     caplog.set_level(logging.INFO, logger="flybox")
     config = _config(tmp_path, ctf=False)
     picks = _write(tmp_path, "m1", seed=1)
-    failing = Service(config, executor=FullDiskExecutor(), notifier=Notifier({}), telemetry=False)
+    failing = Service(
+        config, executor=FailingDiskExecutor(), notifier=Notifier({}), telemetry=False
+    )
     async with failing:
         events = await _collect(failing, lambda e: _count(e, FailureEvent) == 1)
     failure = next(e for e in events if isinstance(e, FailureEvent))
     assert (failure.code, failure.attempts) == ("io_error", config.executor.max_attempts)
-    assert "No space left on device" in failure.reason
+    assert "Input/output error" in failure.reason
     assert failing.status_snapshot().counts.failed == 1
     assert caplog.text.count("trying again") == config.executor.max_attempts - 1
 

@@ -15,6 +15,8 @@ shorter than a header (< 1024 bytes)    same                                    
 header invalid (MAP id, mode, sizes)    quarantine once stable for ``settle``       invalid_mrc
 larger than the header says             quarantine once stable for ``settle``       oversized_mrc
 cannot be read (permissions)            quarantine once stable for ``settle``       unreadable
+not a regular file (FIFO, device; also  quarantine at once (never opened: a read    not_regular_file
+through a symbolic link)                could block forever)
 text that does not parse                quarantine after ``incomplete_timeout``     (caller's)
                                         without change
 ======================================  ==========================================  ==============
@@ -30,6 +32,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import stat as stat_module
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -98,9 +101,24 @@ def probe(path: str, kind: InputKind) -> Probe:
             return Probe(None)
         return Probe(None, error=f"cannot read: {exc.strerror or exc}")
     signature = signature_of(stat)
+    if not stat_module.S_ISREG(stat.st_mode):  # a FIFO or device would block every read
+        return Probe(signature, error=f"not a regular file ({_file_type(stat.st_mode)})")
     if kind != "micrograph":
         return Probe(signature)
     return Probe(signature, mrc=check_complete(path))
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat_module.S_ISFIFO, "FIFO"),
+        (stat_module.S_ISCHR, "character device"),
+        (stat_module.S_ISBLK, "block device"),
+        (stat_module.S_ISSOCK, "socket"),
+        (stat_module.S_ISDIR, "folder"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
 
 
 class Verdict(enum.Enum):
@@ -202,6 +220,8 @@ class Completeness:
         settled = stable >= self.settle_seconds
         timed_out = stable >= self.incomplete_timeout_seconds
         if look.error is not None:
+            if look.error.startswith("not a regular file"):
+                return self._decide(state, True, look.error, "not_regular_file")
             return self._decide(
                 state, settled, look.error.replace("cannot read", "unreadable"), "unreadable"
             )

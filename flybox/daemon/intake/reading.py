@@ -10,18 +10,48 @@ content, the CTF values, and the settings hash.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import stat
+import warnings
+from typing import BinaryIO
 
 import pandas as pd
 
-from flybox.errors import FileChangedError, FlyboxError, TextParseError
+from flybox.daemon.intake.quarantine import shown
+from flybox.errors import FileChangedError, FlyboxError, InputError, TextParseError
 from flybox.io.coords import read_coordinates
 from flybox.io.ctf import read_ctf
 from flybox.types import CtfParams
 
-__all__ = ["fingerprint_file", "read_ctf_table", "read_picks"]
+__all__ = ["fingerprint_file", "open_regular", "read_ctf_table", "read_picks"]
 
 _CHUNK = 8 << 20
+
+log = logging.getLogger(__name__)
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open an input for reading, refusing anything but a regular file *before* a read can
+    block (``O_NONBLOCK`` open, then ``fstat``: a FIFO swapped in after a probe is refused
+    too).
+
+    Raises
+    ------
+    InputError
+        When ``path`` is not a regular file.
+    OSError
+        When it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(path, "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _stat_key(path: str) -> tuple[int, int, int]:
@@ -41,7 +71,7 @@ def fingerprint_file(path: str) -> str:
     """
     before = _stat_key(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     if _stat_key(path) != before:
@@ -61,9 +91,12 @@ def read_picks(path: str, *, min_fom: float | None = None) -> tuple[str, pd.Data
     """
     try:
         before = _stat_key(path)
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             digest = "sha256:" + hashlib.sha256(handle.read()).hexdigest()
-        picks = read_coordinates(path, min_fom=min_fom)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            picks = read_coordinates(path, min_fom=min_fom)
+        _summarise(path, caught)
         if _stat_key(path) != before:
             raise FileChangedError(path)
     except FileChangedError:
@@ -84,8 +117,28 @@ def read_ctf_table(path: str) -> dict[str, CtfParams]:
         When it cannot be parsed.
     """
     try:
-        return read_ctf(path)
+        with open_regular(path):
+            pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            table = read_ctf(path)
+        _summarise(path, caught)
+        return table
     except FlyboxError as exc:
         raise TextParseError(path, getattr(exc, "problem", str(exc)), "bad_ctf") from exc
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise TextParseError(path, f"cannot read: {exc}", "bad_ctf") from exc
+
+
+def _summarise(path: str, caught: list[warnings.WarningMessage]) -> None:
+    """One log line for the warnings a parser gave on one file (pandas and numpy can give
+    thousands on a bad file; they would flood the log)."""
+    if caught:
+        first = caught[0]
+        log.warning(
+            "%s: %d warning(s) while parsing, first: %s: %s",
+            shown(path),
+            len(caught),
+            first.category.__name__,
+            str(first.message).splitlines()[0] if str(first.message) else "",
+        )

@@ -23,10 +23,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from flybox.config import WatchConfig
 from flybox.daemon.intake.complete import (
@@ -44,10 +44,15 @@ from flybox.daemon.intake.pairing import (
     MicrographInput,
     Pairing,
 )
-from flybox.daemon.intake.quarantine import clear_quarantine, write_quarantine
+from flybox.daemon.intake.quarantine import (
+    clear_quarantine,
+    name_problem,
+    shown,
+    write_quarantine,
+)
 from flybox.daemon.intake.reading import fingerprint_file, read_ctf_table, read_picks
 from flybox.daemon.intake.watch import Watcher, WatchPattern, WatchUpdate
-from flybox.daemon.state import JournalThread, SessionState
+from flybox.daemon.state import Heartbeats, JournalThread, SessionState, is_disk_full
 from flybox.daemon.telemetry.events import EventBus, MissingCoordinatesEvent, QuarantineEvent
 from flybox.daemon.work.units import (
     UnitRequest,
@@ -55,16 +60,28 @@ from flybox.daemon.work.units import (
     resolve_units,
     unit_key,
 )
-from flybox.errors import DuplicateStemError, FileChangedError, TextParseError
+from flybox.errors import DuplicateStemError, FileChangedError, InputError, TextParseError
 from flybox.pipeline.matching import micrograph_stem
 
 __all__ = ["AutopickSource", "Intake"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: A read of one input (probe, fingerprint, parse) that takes longer is given up: the input
+#: is quarantined (a hung network file system, a device) and intake goes on.
+READ_TIMEOUT_SECONDS = 60.0
+#: After a full disk stopped intake from journaling a file, look at it again this much later.
+DISK_RETRY_SECONDS = 5.0
+#: The intake loop is stalled when it has not come round for this long.
+STALL_SECONDS = 2 * READ_TIMEOUT_SECONDS
 
 
-def _probe_all(items: list[tuple[str, InputKind]]) -> list[Probe]:
-    return [probe(path, kind) for path, kind in items]
+async def _read(function: Callable[[str], T], path: str) -> T:
+    """``function(path)`` in a thread, given up after :data:`READ_TIMEOUT_SECONDS`
+    (``TimeoutError``; the thread finishes on its own)."""
+    async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+        return await asyncio.to_thread(function, path)
 
 
 class AutopickSource(Protocol):
@@ -125,8 +142,13 @@ class Intake:
         enqueue: Callable[[str], None],
         on_seen: Callable[[Iterable[str], Iterable[str]], None] | None = None,
         autopick: AutopickSource | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.watch = watch
+        self.heartbeats = heartbeats or Heartbeats()
+        self._bad_names: dict[str, str] = {}
+        self._retry_at: dict[str, float] = {}
+        self._disk_logged: set[str] = set()
         self.patterns = list(patterns)
         self.session = session
         self.output_dir = output_dir
@@ -223,6 +245,9 @@ class Intake:
     def _track(self, path: str, kind: InputKind) -> None:
         self.files[path] = FileState(path, kind, changed_at=time.monotonic())
         self._to_probe.add(path)
+        problem = name_problem(path)
+        if problem is not None:  # quarantined up front: the name itself is the problem
+            self._bad_names[path] = problem
         if kind == "micrograph":
             self._progress.seen += 1
 
@@ -230,13 +255,20 @@ class Intake:
         """Look at files that are not decided yet, and report overdue pairs (until cancelled)."""
         interval = min(0.25, max(0.05, self.watch.settle_seconds / 4))
         overdue_checked = 0.0
+        self.heartbeats.register("intake", STALL_SECONDS)
         while True:
+            self.heartbeats.beat("intake")
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
             # that arrives as the wait ends, and the service could then never stop.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._probe_wake.wait()
             self._probe_wake.clear()
+            now = time.monotonic()
+            for path, when in list(self._retry_at.items()):
+                if when <= now:
+                    del self._retry_at[path]
+                    self._to_probe.add(path)
             if self._to_probe:
                 await self._check_files()
             now = time.monotonic()
@@ -260,30 +292,81 @@ class Intake:
     async def _check_files(self) -> None:
         items = [(p, self.files[p].kind) for p in list(self._to_probe) if p in self.files]
         self._to_probe.difference_update(p for p in list(self._to_probe) if p not in self.files)
-        looks = await asyncio.to_thread(_probe_all, items)
+        looks: list[Probe | None] = []
+        for path, kind in items:
+            # one at a time, with a deadline: one input that blocks (a hung mount) is that
+            # input's problem, not intake's
+            try:
+                async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                    looks.append(await asyncio.to_thread(probe, path, kind))
+            except TimeoutError:
+                looks.append(None)
         now = time.monotonic()
-        for (path, _), look in zip(items, looks, strict=True):
+        for (path, kind), look in zip(items, looks, strict=True):
             state = self.files.get(path)
             if state is None:
                 continue
-            decision = self.completeness.assess(state, look, now)
-            if decision.verdict is Verdict.PENDING:
+            if look is None:
+                reason = f"no answer within {READ_TIMEOUT_SECONDS:.0f} s when read"
+                await self._guarded(state, self.quarantine(path, kind, reason, "read_timeout"))
                 continue
-            self._to_probe.discard(path)
-            if decision.verdict is Verdict.GONE:
-                self._forget(state)
-            elif decision.verdict is Verdict.QUARANTINE:
-                assert decision.reason is not None
-                assert decision.code is not None
-                await self.quarantine(path, state.kind, decision.reason, decision.code)
-            elif state.kind == "micrograph":
-                await self._accept_micrograph(state, now)
-            else:
-                await self._accept_text(state, now)
+            await self._guarded(state, self._check_one(state, look, now))
+
+    async def _guarded(self, state: FileState, work: Awaitable[None]) -> None:
+        """Run one input's step; whatever goes wrong with it is that input's problem: a full
+        disk → look again later; anything else → quarantine it with the reason."""
+        try:
+            await work
+        except Exception as exc:
+            path = state.path
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {READ_TIMEOUT_SECONDS:.0f} s when read"
+                timeout = self.quarantine(path, state.kind, reason, "read_timeout")
+                await self._guarded(state, timeout)
+                return
+            if is_disk_full(exc):
+                self._state.disk.report(exc)  # the work stage probes and says so
+                state.decided = None
+                self._retry_at[path] = time.monotonic() + DISK_RETRY_SECONDS
+                level = logging.DEBUG if path in self._disk_logged else logging.WARNING
+                self._disk_logged.add(path)  # once per file: a long outage must not flood
+                log.log(level, "%s: not taken in yet: disk full (%s)", shown(path), exc)
+                return
+            reason = f"internal error while reading it: {type(exc).__name__}: {exc}"
+            log.error("%s: %s", shown(path), reason, exc_info=exc)
+            try:
+                await self.quarantine(path, state.kind, reason, "internal")
+            except Exception as again:
+                if not is_disk_full(again):
+                    log.error("%s: cannot quarantine it: %s", shown(path), again)
+                state.decided = None
+                self._retry_at[path] = time.monotonic() + DISK_RETRY_SECONDS
+
+    async def _check_one(self, state: FileState, look: Probe, now: float) -> None:
+        path = state.path
+        decision = self.completeness.assess(state, look, now)
+        problem = self._bad_names.get(path)
+        if decision.verdict is Verdict.PENDING and problem is None:
+            return
+        self._to_probe.discard(path)
+        if decision.verdict is Verdict.GONE:
+            self._forget(state)
+        elif problem is not None:  # the name itself cannot be used: whatever the content
+            await self.quarantine(path, state.kind, problem, "bad_name")
+        elif decision.verdict is Verdict.QUARANTINE:
+            assert decision.reason is not None
+            assert decision.code is not None
+            await self.quarantine(path, state.kind, decision.reason, decision.code)
+        elif state.kind == "micrograph":
+            await self._accept_micrograph(state, now)
+        else:
+            await self._accept_text(state, now)
 
     # ----------------------------------------------------------------------------- intake
     def _forget(self, state: FileState) -> None:
         self.files.pop(state.path, None)
+        self._bad_names.pop(state.path, None)
+        self._retry_at.pop(state.path, None)
         if state.kind == "micrograph":
             self._progress.seen -= 1
             stem = self.pairing.remove_micrograph(state.path)
@@ -321,7 +404,7 @@ class Intake:
                 reason,
                 code,
             )
-            log.warning("%s: quarantined: %s", path, reason)
+            log.warning("%s: quarantined: %s", shown(path), reason)
             self._events.emit(
                 QuarantineEvent(
                     session=self.session, path=path, kind=kind, reason=reason, code=code
@@ -350,7 +433,7 @@ class Intake:
         record = await journal.call(journal.journal.input, state.path)
         if record is not None and record.state == "quarantined":
             await asyncio.to_thread(clear_quarantine, self.output_dir, state.path)
-            log.info("%s: rewritten and now complete; out of quarantine", state.path)
+            log.info("%s: rewritten and now complete; out of quarantine", shown(state.path))
         if record is None or (record.signature, record.state) != (signature, "complete"):
             await journal.call(
                 journal.journal.save_input,
@@ -361,15 +444,32 @@ class Intake:
                 "complete",
             )
 
+    async def _still_quarantined(self, state: FileState) -> bool:
+        """An input quarantined before (by intake or by a worker) and unchanged since stays
+        quarantined: its record is kept, nothing is announced again (also after a restart)."""
+        assert state.signature is not None
+        journal = self._journal
+        record = await journal.call(journal.journal.input, state.path)
+        if record is None or record.state != "quarantined":
+            return False
+        if record.signature != state.signature.text():
+            return False
+        await self.quarantine(
+            state.path, state.kind, record.reason or "quarantined", record.code or "quarantined"
+        )
+        return True
+
     async def _accept_micrograph(self, state: FileState, now: float) -> None:
         assert state.signature is not None
+        if await self._still_quarantined(state):
+            return
         journal = self._journal
         record = await journal.call(journal.journal.input, state.path)
         if record and record.signature == state.signature.text() and record.fingerprint:
             fingerprint = record.fingerprint
         else:
             try:
-                fingerprint = await asyncio.to_thread(fingerprint_file, state.path)
+                fingerprint = await _read(fingerprint_file, state.path)
             except FileChangedError:
                 state.decided = None
                 self._to_probe.add(state.path)
@@ -377,6 +477,9 @@ class Intake:
             except OSError as exc:
                 reason = f"unreadable: {exc.strerror or exc}"
                 await self.quarantine(state.path, state.kind, reason, "unreadable")
+                return
+            except InputError as exc:  # not a regular file (swapped in after the probe)
+                await self.quarantine(state.path, state.kind, exc.problem, "not_regular_file")
                 return
         await self._accepted(state, fingerprint)
         try:
@@ -390,11 +493,13 @@ class Intake:
         await self.evaluate({stem})
 
     async def _accept_text(self, state: FileState, now: float) -> None:
+        if await self._still_quarantined(state):
+            return
         try:
             if state.kind == "coordinates":
-                digest, picks = await asyncio.to_thread(read_picks, state.path)
+                digest, picks = await _read(read_picks, state.path)
             else:
-                ctfs = await asyncio.to_thread(read_ctf_table, state.path)
+                ctfs = await _read(read_ctf_table, state.path)
         except FileChangedError:
             state.decided = None
             self._to_probe.add(state.path)

@@ -155,8 +155,8 @@ def _walk(
                         visited.add(key)
                         _walk(entry.path, rel + "/", depth + 1, patterns, max_depth, found, visited)
                 continue
-            if not entry.is_file():
-                continue
+            # Special files (FIFOs, devices, sockets) that match are listed too: intake
+            # quarantines them without opening them (a read of a FIFO blocks).
             for pattern in patterns:
                 if pattern.regex.fullmatch(rel) and entry.path not in found:
                     found[entry.path] = (pattern.kind, signature_of(entry.stat()))

@@ -29,6 +29,7 @@ __all__ = [
     "EventBus",
     "ExecutorStatus",
     "FailureEvent",
+    "Health",
     "MicrographEvent",
     "MissingCoordinatesEvent",
     "ModelEvent",
@@ -105,6 +106,19 @@ class ExecutorStatus(_Model):
     workers: int = Field(default=0, description="worker processes accepted")
 
 
+class Health(_Model):
+    """Whether the service makes progress: no stalled loop, room to commit."""
+
+    ok: bool = True
+    stalled: list[str] = Field(
+        default_factory=list, description="loops without progress (intake, work, journal)"
+    )
+    disk_full: bool = Field(
+        default=False, description="the output's file system is full: commits wait, then resume"
+    )
+    problem: str = Field(default="", description="one line: what is wrong")
+
+
 class StatusEvent(EventBase):
     """``PREFIX/status`` (retained): the session at a glance."""
 
@@ -119,6 +133,7 @@ class StatusEvent(EventBase):
         default_factory=list, description="[watch] patterns that have matched no file yet"
     )
     executor: ExecutorStatus = ExecutorStatus()
+    health: Health = Health()
 
 
 class Quality(_Model):

@@ -163,7 +163,8 @@ class HttpServer:
     feed
         The dashboard's history and live updates (default: a feed nobody fills).
     health
-        The ``/healthz`` check: returns ``(healthy, text)``; default: always healthy.
+        The ``/healthz`` check: returns ``(healthy, text)``; default: the status report's
+        ``health`` (stalled loops, a full disk).
     """
 
     def __init__(
@@ -203,7 +204,11 @@ class HttpServer:
         return Response(encoder(self._registry), 200, _NO_STORE, media_type=content_type)
 
     async def _healthz(self, request: Request) -> Response:
-        healthy, text = self._health() if self._health is not None else (True, "ok")
+        if self._health is not None:
+            healthy, text = self._health()
+        else:  # the service decides (daemon/state.py: Heartbeats, DiskSpace) via the status
+            health = self._report().health
+            healthy, text = health.ok, (health.problem or "ok") if not health.ok else "ok"
         status = 200 if healthy else 503
         return Response(f"{text}\n".encode(), status, _NO_STORE, media_type=_TEXT)
 

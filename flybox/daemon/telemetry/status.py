@@ -24,6 +24,7 @@ from flybox.daemon.telemetry.events import (
     Counts,
     Event,
     FailureEvent,
+    Health,
     MicrographEvent,
     MissingCoordinatesEvent,
     OutputSetEvent,
@@ -120,6 +121,7 @@ class StatusReport(_Model):
     alerts: list[AlertSummary] = Field(default_factory=list)
     outputs: list[OutputSummary] = Field(default_factory=list)
     mqtt: MqttSummary | None = None
+    health: Health = Health()
 
 
 class StatusAggregator:
@@ -197,6 +199,7 @@ class StatusAggregator:
             alerts=list(self._alerts.values()),
             outputs=list(self._outputs.values()),
             mqtt=mqtt,
+            health=status.health,
         )
 
 

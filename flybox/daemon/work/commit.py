@@ -348,19 +348,38 @@ class Committer:
                 os.fsync(handle.fileno())
             return
         temp = temp_path_for(path)
-        with open(temp, "wb") as out:
-            out.write(change.after.header.encode())
-            if change.before is not None:
-                with open(path, "rb") as source:
-                    start = change.before.header_bytes
-                    if change.old is not None:
-                        _copy_range(source, out, start, start + change.old.offset)
-                        start += change.old.offset + change.old.length
-                    _copy_range(source, out, start, change.before.length)
-            out.write(change.body)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(temp, "wb") as out:
+                out.write(change.after.header.encode())
+                if change.before is not None:
+                    with open(path, "rb") as source:
+                        start = change.before.header_bytes
+                        if change.old is not None:
+                            _copy_range(source, out, start, start + change.old.offset)
+                            start += change.old.offset + change.old.length
+                        _copy_range(source, out, start, change.before.length)
+                out.write(change.body)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
         change.after = replace(change.after, pending=temp.name)
+
+    def _undo(self, changes: Sequence[_Change]) -> None:
+        """Take back the writes of a commit that did not reach the journal: appended files are
+        cut to their committed length (truncating needs no space), rewritten copies removed."""
+        for change in changes:
+            path = self.output_dir / change.after.path
+            try:
+                if change.after.pending is not None:
+                    (self.output_dir / change.after.pending).unlink(missing_ok=True)
+                elif change.before is not None and not change.rewrite:
+                    with open(path, "r+b") as handle:
+                        handle.truncate(change.before.length)
+                        os.fsync(handle.fileno())
+            except OSError as exc:  # recover() cuts it at the next start
+                log.error("%s: cannot cut back an unfinished commit: %s", path, exc)
 
     def _install(self, record: StarFileRecord) -> None:
         """Rename a rewritten file into place (the journal already names it ``pending``)."""
@@ -394,21 +413,25 @@ class Committer:
             for output in result.streams.values()
             if (change := self._prepare(unit, output, group)) is not None
         ]
-        for change in changes:
-            self._write(change)
         summary = {
             "picks": result.picks,
             "excluded": result.excluded,
             "particles": {s: o.count for s, o in result.streams.items()},
             "seconds": result.seconds,
         }
-        self.journal.record_done(
-            unit,
-            summary,
-            [c.after for c in changes],
-            [c.segment for c in changes if c.segment is not None],
-            [c.old for c in changes if c.old is not None],
-        )
+        try:
+            for change in changes:
+                self._write(change)
+            self.journal.record_done(
+                unit,
+                summary,
+                [c.after for c in changes],
+                [c.segment for c in changes if c.segment is not None],
+                [c.old for c in changes if c.old is not None],
+            )
+        except BaseException:
+            self._undo(changes)  # a full disk, an I/O error: nothing of this commit stays
+            raise
         for change in changes:
             self.files[change.after.stream] = change.after
             if change.after.pending is not None:

@@ -39,7 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InputRecord", "Journal", "SegmentRecord", "StarFileRecord", "UnitRecord"]
+__all__ = [
+    "InputRecord",
+    "Journal",
+    "SegmentRecord",
+    "StarFileRecord",
+    "UnitRecord",
+    "storable",
+]
 
 SCHEMA_VERSION = "1"
 
@@ -128,6 +135,16 @@ class SegmentRecord:
     particles: int
 
 
+def storable(text: str) -> str:
+    """Text SQLite can store: a path decoded with ``surrogateescape`` (bytes that are not
+    UTF-8) keeps its bytes as ``\\xNN`` escapes (the same path always gives the same key)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
+
+
 def _unit(row: sqlite3.Row) -> UnitRecord:
     return UnitRecord(
         id=row["id"],
@@ -211,7 +228,7 @@ class Journal:
     # ----------------------------------------------------------------------------- inputs
     def input(self, path: str) -> InputRecord | None:
         """The record of an input file."""
-        row = self._db.execute("SELECT * FROM inputs WHERE path = ?", (path,)).fetchone()
+        row = self._db.execute("SELECT * FROM inputs WHERE path = ?", (storable(path),)).fetchone()
         if row is None:
             return None
         return InputRecord(
@@ -238,7 +255,7 @@ class Journal:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (path, kind, signature, fingerprint, state, reason, code, time.time()),
+                (storable(path), kind, signature, fingerprint, state, reason, code, time.time()),
             )
 
     def quarantined_inputs(self) -> int:

@@ -15,6 +15,13 @@ where it is caught, here) → retried up to ``[executor] max_attempts`` times, t
 a processing error (e.g. box larger than the micrograph) → ``failed`` at once. None of them
 stops the service.
 
+A full disk (``ENOSPC``/``EDQUOT`` from a worker, a commit or the journal, SQLite's "disk is
+full") is nobody's fault and costs no attempt: the unit goes back to the ready queue, the
+runner stops submitting, says so (a log line, an ``alert`` event with rule ``disk_full``,
+``disk_full`` in the status) and probes the output folder with backoff (1 s doubling to
+30 s); when a probe write succeeds it resumes by itself. A commit that fails halfway is cut
+back to the journal's committed length at once (no cut row stays in a STAR file).
+
 Seams: intake puts stems whose unit is queued on the :class:`ReadyQueue`; the runner reports
 back through the callbacks it is given (``on_quarantine``, ``release_picks``) and shares only
 :class:`~flybox.daemon.state.SessionState` and the :class:`~flybox.daemon.state.JournalThread`.
@@ -28,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -37,8 +45,9 @@ from types import TracebackType
 from flybox.config import FlyboxConfig
 from flybox.daemon.intake.complete import InputKind
 from flybox.daemon.intake.pairing import AUTOPICK, Pair
-from flybox.daemon.state import JournalThread, SessionState, StemState
+from flybox.daemon.state import Heartbeats, JournalThread, SessionState, StemState, is_disk_full
 from flybox.daemon.telemetry.events import (
+    AlertEvent,
     EventBus,
     FailureEvent,
     MicrographEvent,
@@ -66,6 +75,11 @@ __all__ = ["QuarantineCallback", "ReadyQueue", "UnitRunner", "quality_of"]
 QuarantineCallback = Callable[[str, InputKind, str, str], Awaitable[None]]
 
 log = logging.getLogger(__name__)
+
+#: Backoff of the free-space probe while the disk is full (first, longest; seconds).
+SPACE_PROBE_SECONDS = (1.0, 30.0)
+#: Bytes the probe writes (and removes) in the output folder.
+SPACE_PROBE_BYTES = 1 << 20
 
 
 def _finite(value: float | None) -> float | None:
@@ -189,9 +203,13 @@ class UnitRunner:
         project_dir: Path | None = None,
         job_warnings: JobWarnings | None = None,
         picker: Callable[[int], Picker] | None = None,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.executor = executor
         self._picker = picker
+        self.heartbeats = heartbeats or Heartbeats()
+        self._disk = state.disk
+        self._paused: dict[str, None] = {}
         self.committer = committer
         self.project_dir = project_dir if project_dir is not None else Path.cwd()
         self.job_warnings = job_warnings if job_warnings is not None else JobWarnings()
@@ -211,6 +229,7 @@ class UnitRunner:
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._schedule: asyncio.Task[None] | None = None
+        self._space: asyncio.Task[None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -221,6 +240,7 @@ class UnitRunner:
         async with contextlib.AsyncExitStack() as stack:
             self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
             self._schedule = self._tasks.create_task(self._schedule_loop(), name="work-schedule")
+            self._space = self._tasks.create_task(self._space_loop(), name="work-space")
             self._stack = stack.pop_all()
         return self
 
@@ -238,9 +258,13 @@ class UnitRunner:
 
     async def _schedule_loop(self) -> None:
         """Submit ready units while fewer than :attr:`limit` are in flight."""
+        self.heartbeats.register("work", 60.0)
         while True:
-            await self._ready.changed()
-            while self._ready and len(self._running) < self.limit:
+            self.heartbeats.beat("work")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):  # an idle loop beats too
+                    await self._ready.changed()
+            while self._ready and len(self._running) < self.limit and not self._disk.full:
                 stem = self._ready.pop()
                 entry = self._state.stems.get(stem)
                 if entry is None or entry.unit is None or entry.pair is None:
@@ -257,6 +281,9 @@ class UnitRunner:
         set) to finish and commit; hand the others back (they stay queued)."""
         if self._schedule is not None:
             self._schedule.cancel()
+        if self._space is not None:
+            self._space.cancel()
+        self.heartbeats.unregister("work")
         self._ready.clear()
         if self._running:
             log.info("draining: up to %.0f s for %d micrographs in flight", timeout, self.in_flight)
@@ -316,11 +343,14 @@ class UnitRunner:
                     entry.unit = replace(running, state="queued")
                     self._state.set_phase(unit.stem, "queued")
                 raise
-            except OSError as exc:  # the boundary where a job's OSError joins the tree
-                error = TransientIOError.from_os_error(exc, pair.micrograph.path)
-                await self._failed(entry, running, pair, error)
-                return
             except Exception as exc:
+                if is_disk_full(exc):
+                    await self._pause(entry, unit, exc)
+                    return
+                if isinstance(exc, OSError):  # where a job's OSError joins the tree
+                    error = TransientIOError.from_os_error(exc, pair.micrograph.path)
+                    await self._failed(entry, running, pair, error)
+                    return
                 await self._failed(entry, running, pair, exc)
                 return
             processed = time.monotonic()
@@ -335,14 +365,24 @@ class UnitRunner:
             self._committing.add(unit.id)
             try:
                 outcome = await journal.call(self.committer.commit, running, result, group)
-            except OSError as exc:  # the boundary where a commit's OSError joins the tree
+            except Exception as exc:
                 await asyncio.to_thread(discard_job, result)
-                error = TransientIOError.from_os_error(exc, pair.micrograph.path)
-                await self._failed(entry, running, pair, error)
+                if is_disk_full(exc):
+                    await self._pause(entry, unit, exc)
+                    return
+                failure: Exception = exc
+                if isinstance(exc, OSError):  # where a commit's OSError joins the tree
+                    failure = TransientIOError.from_os_error(exc, pair.micrograph.path)
+                await self._failed(entry, running, pair, failure)
                 return
             finally:
                 self._committing.discard(unit.id)
             self._committed(entry, running, pair, result, outcome, submitted, processed)
+        except Exception as exc:  # one unit's trouble never ends the runner
+            if is_disk_full(exc):
+                await self._pause(entry, unit, exc)
+            else:
+                log.error("%s: internal error", pair.micrograph.path, exc_info=exc)
         finally:
             self._running.pop(unit.id, None)
             self._ready.wake()
@@ -412,7 +452,105 @@ class UnitRunner:
             latency,
         )
 
+    async def _pause(self, entry: StemState, unit: UnitRecord, error: BaseException) -> None:
+        """The disk is full: hand the unit back (no attempt counted) and stop submitting until
+        the space probe succeeds."""
+        journal = self._journal
+        with contextlib.suppress(Exception):  # the journal may be full too: recover() requeues
+            await journal.call(journal.journal.set_state, unit.id, "queued")
+        if entry.unit is not None and entry.unit.id == unit.id:
+            entry.unit = replace(unit, state="queued")
+            self._state.set_phase(unit.stem, "queued")
+            self._paused[unit.stem] = None
+        self._disk.report(error)
+
+    def _announce_full(self) -> None:
+        disk = self._disk
+        disk.announced = True
+        log.error(
+            "%s: disk full (%s): committing stops; resuming by itself when space returns",
+            self.output_dir,
+            disk.problem,
+        )
+        self._events.emit(
+            AlertEvent(
+                session=self.session,
+                rule="disk_full",
+                active=True,
+                message=f"{self.output_dir}: disk full; committing stopped ({disk.problem})",
+            )
+        )
+        self._state.mark_dirty()
+
+    def _probe_space(self) -> None:
+        """Write, sync and remove a small file in the output folder, and write the journal
+        (blocking; raises the ``OSError``/SQLite error while the disk is still full)."""
+        probe = self.output_dir / ".flybox" / ".space-probe.tmp"
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * SPACE_PROBE_BYTES)
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+        self._journal.journal.set_meta("space_probe", str(time.time()))
+
+    async def _space_loop(self) -> None:
+        """While the disk is full: probe with backoff; resume when a probe succeeds."""
+        first, longest = SPACE_PROBE_SECONDS
+        while True:
+            await self._disk.wake.wait()
+            self._disk.wake.clear()
+            if self._disk.full and not self._disk.announced:
+                self._announce_full()
+            delay = first
+            while self._disk.full:
+                await asyncio.sleep(delay)
+                try:
+                    await self._journal.call(self._probe_space)
+                except Exception as exc:
+                    if not is_disk_full(exc):
+                        log.warning("%s: space probe failed: %s", self.output_dir, exc)
+                    delay = min(delay * 2, longest)
+                    continue
+                self._resume()
+
+    def _resume(self) -> None:
+        disk = self._disk
+        waited = time.monotonic() - disk.since
+        disk.full = disk.announced = False
+        log.info(
+            "%s: space again after %.0f s; committing resumes (%d micrographs waiting)",
+            self.output_dir,
+            waited,
+            len(self._paused),
+        )
+        self._events.emit(
+            AlertEvent(
+                session=self.session,
+                rule="disk_full",
+                active=False,
+                message=f"{self.output_dir}: space again; committing resumed",
+                value=waited,
+            )
+        )
+        self._state.mark_dirty()
+        paused, self._paused = self._paused, {}
+        for stem in paused:
+            self._ready.put(stem)
+        self._ready.wake()
+
     async def _failed(
+        self, entry: StemState, unit: UnitRecord, pair: Pair, error: BaseException
+    ) -> None:
+        try:
+            await self._settle_failure(entry, unit, pair, error)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            await self._pause(entry, unit, exc)
+
+    async def _settle_failure(
         self, entry: StemState, unit: UnitRecord, pair: Pair, error: BaseException
     ) -> None:
         journal = self._journal

@@ -1,0 +1,301 @@
+"""Issue 9's reproductions against the real service in a subprocess: no input, neighbour or
+full disk stops it or loses a particle. Each bad input ends with a quarantine record and its
+reason, later good micrographs are committed, and RELION reads the outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flybox.io.coords import write_coordinates_star
+from flybox.io.mrc import write_micrograph
+from flybox.sim.microscope import synthetic_micrograph
+from tests.conftest import missing_component, require_binary
+from tests.helpers.service import (
+    ServiceProcess,
+    check_outputs,
+    committed_rows,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+PARTICLES = 20
+
+
+class Inputs:
+    """Micrographs and picks written by hand into the simulator's layout."""
+
+    def __init__(self, root: Path) -> None:
+        self.micrographs = root / "Micrographs"
+        self.picks = root / "AutoPick"
+        self.staging = root.parent / "staging"
+        for folder in (self.micrographs, self.picks, self.staging):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def source(self, stem: str, seed: int = 0) -> tuple[Path, pd.DataFrame]:
+        mic = synthetic_micrograph(512, PARTICLES, rng=seed)
+        path = self.staging / f"{seed}.mrc"
+        write_micrograph(path, mic.image, 1.0)
+        return path, mic.picks
+
+    def add(self, stem: str, seed: int = 0) -> Path:
+        source, picks = self.source(stem, seed)
+        write_coordinates_star(self.picks / f"{stem}_autopick.star", picks)
+        target = os.path.join(os.fsencode(self.micrographs), os.fsencode(stem) + b".mrc")
+        shutil.copyfile(source, target)
+        return Path(os.fsdecode(target))
+
+
+def records(output: Path) -> dict[str, dict[str, str]]:
+    """Quarantine records by the input's file name (as the record stores it)."""
+    found = {}
+    for path in (output / "quarantine").glob("*.json"):
+        with open(path) as handle:
+            content = json.load(handle)
+        found[os.path.basename(content["path"])] = content
+    return found
+
+
+def relion_reads(star: Path, tmp_path: Path) -> None:
+    handler = require_binary("relion_star_handler")
+    result = subprocess.run(
+        [handler, "--i", str(star), "--o", str(tmp_path / "relion_copy.star")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ERROR" not in result.stdout + result.stderr
+
+
+def test_no_bad_input_stops_the_service_and_each_is_quarantined_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    inputs, output = tmp_path / "inputs", tmp_path / "output"
+    files = Inputs(inputs)
+    config = write_config(tmp_path, inputs, output, ctf=False)
+    service = ServiceProcess(config, tmp_path / "log")
+    expected: dict[str, str] = {}
+    try:
+        service.start()
+        service.wait_running()
+        # (2) a picks STAR file with a duplicated column
+        files.add("dupcol", seed=1)
+        (files.picks / "dupcol_autopick.star").write_text(
+            "data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
+            "100 101 102\n200 201 202\n"
+        )
+        expected["dupcol_autopick.star"] = "appears twice"
+        # (2) a name that is not UTF-8; a name too long for the outputs' temporary names
+        files.add(os.fsdecode(b"mic\xff"), seed=2)
+        expected["mic\\xff.mrc"] = "not valid UTF-8"
+        source, _ = files.source("long", seed=3)  # its picks' name would not fit NAME_MAX
+        shutil.copyfile(source, files.micrographs / ("L" * 240 + ".mrc"))
+        expected["L" * 240 + ".mrc"] = "bytes long"
+        # (3) a FIFO and a symbolic link to one, named like micrographs
+        os.mkfifo(files.micrographs / "fifo.mrc")
+        os.mkfifo(tmp_path / "elsewhere.fifo")
+        (files.micrographs / "linked.mrc").symlink_to(tmp_path / "elsewhere.fifo")
+        expected["fifo.mrc"] = "not a regular file (FIFO)"
+        expected["linked.mrc"] = "not a regular file (FIFO)"
+        # (4) a newline and another control character in a name
+        files.add("new\nline", seed=4)
+        expected["new\nline.mrc"] = "newline"
+        files.add("bell\x07", seed=5)
+        expected["bell\x07.mrc"] = "control character U+0007"
+        # (5) one row of a million values in a coordinate file
+        files.add("wide", seed=6)
+        row = " ".join(["1.0"] * 1_000_000)
+        (files.picks / "wide_autopick.star").write_text(
+            f"data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n{row}\n"
+        )
+        expected["wide_autopick.star"] = "longer than"
+        # (8) non-finite pixels
+        source, picks = files.source("nan", seed=7)
+        image = synthetic_micrograph(512, PARTICLES, rng=7).image.copy()
+        image[10:20, 10:20] = np.nan
+        write_micrograph(files.staging / "nan.mrc", image, 1.0)
+        write_coordinates_star(files.picks / "nan_autopick.star", picks)
+        shutil.copyfile(files.staging / "nan.mrc", files.micrographs / "nan.mrc")
+        expected["nan.mrc"] = "non-finite pixel values"
+        # (10) extra columns of a picks file stay out of the particle STAR file
+        source, picks = files.source("extra", seed=8)
+        picks = picks.assign(rlnCtfImage="elsewhere/ctf.mrc")
+        from flybox.io.star import write_star
+
+        write_star(files.picks / "extra_autopick.star", {"": picks})
+        shutil.copyfile(source, files.micrographs / "extra.mrc")
+        # later good micrographs
+        for index in range(3):
+            files.add(f"good{index}", seed=20 + index)
+        wait_for(
+            lambda: set(expected) <= set(records(output)),
+            90,
+            f"quarantine records of {sorted(expected)}",
+        )
+        wait_for(lambda: committed_rows(output) == 4 * PARTICLES, 90, "the good micrographs")
+        assert service.alive(), service.output()
+        # (2) the service restarts with these inputs in place (no crash on every start), and
+        # (9) keeps every record, announcing nothing again for unchanged files
+        assert service.terminate() == 0, service.output()
+        before = records(output)
+        service.start()
+        service.wait_running()
+        wait_for(lambda: committed_rows(output) == 4 * PARTICLES, 60, "the committed state")
+        assert service.alive(), service.output()
+        assert service.terminate() == 0, service.output()
+    finally:
+        if service.alive():
+            service.kill()
+    log = service.output()
+    found = records(output)
+    assert set(found) == set(before)
+    for name, reason in expected.items():
+        assert reason in found[name]["reason"], (name, found[name])
+    assert "out of quarantine" not in log
+    second = log[log.rindex(": running (") :]
+    assert ": quarantined: " not in second, second
+    # (4) names are escaped in the log: one line per event
+    assert "new\\nline.mrc: quarantined: file name contains a newline" in log
+    check_outputs(output, {**{f"good{i}": PARTICLES for i in range(3)}, "extra": PARTICLES})
+    header = (output / "particles.star").read_text()
+    assert "rlnCtfImage" not in header
+    for stream in ("particles", "particles_small"):
+        relion_reads(output / f"{stream}.star", tmp_path)
+    service.assert_no_leftovers()
+
+
+def test_a_second_service_on_the_same_output_is_refused_and_the_first_goes_on(
+    tmp_path: Path,
+) -> None:
+    inputs, output = tmp_path / "inputs", tmp_path / "output"
+    files = Inputs(inputs)
+    first = ServiceProcess(write_config(tmp_path, inputs, output, ctf=False), tmp_path / "log1")
+    other = tmp_path / "other"
+    other.mkdir()
+    second = ServiceProcess(write_config(other, inputs, output, ctf=False), tmp_path / "log2")
+    try:
+        first.start()
+        first.wait_running()
+        files.add("one", seed=1)
+        second.start()
+        assert second.process is not None
+        assert second.process.wait(60) == 2
+        refusal = [line for line in second.output().splitlines() if "in use by" in line]
+        assert len(refusal) == 1, second.output()
+        assert f"pid {first.process.pid if first.process else 0} on " in refusal[0]
+        assert "started " in refusal[0]
+        files.add("two", seed=2)
+        wait_for(lambda: committed_rows(output) == 2 * PARTICLES, 90, "both micrographs")
+        assert first.alive()
+        assert first.terminate() == 0, first.output()
+    finally:
+        for service in (first, second):
+            if service.alive():
+                service.kill()
+    check_outputs(output, {"one": PARTICLES, "two": PARTICLES})
+    first.assert_no_leftovers()
+
+
+def test_an_output_folder_inside_the_watched_tree_is_refused(tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    Inputs(inputs)
+    config = write_config(tmp_path, inputs, inputs / "AutoPick", ctf=False)
+    service = ServiceProcess(config, tmp_path / "log")
+    service.start()
+    assert service.process is not None
+    try:
+        assert service.process.wait(60) == 2
+    finally:
+        if service.alive():
+            service.kill()
+    assert "session.output: " in service.output()
+    assert "inside the watched tree" in service.output()
+
+
+def _mount_tmpfs(target: Path, size: str) -> None:
+    if os.geteuid() != 0:
+        missing_component("a tmpfs mount (the disk-full test needs root)")
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        missing_component(f"a tmpfs mount ({result.stderr.strip()})")
+
+
+def _health(config: Path) -> tuple[int, str]:
+    listen = next(
+        line.split('"')[1] for line in config.read_text().splitlines() if "listen" in line
+    )
+    try:
+        with urllib.request.urlopen(f"http://{listen}/healthz", timeout=10) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read().decode()
+
+
+def _fill(handle: BinaryIO) -> None:
+    with pytest.raises(OSError, match="No space left"):  # noqa: PT012 - until the disk is full
+        while True:
+            handle.write(b"\0" * (1 << 20))
+            handle.flush()
+
+
+def test_a_full_disk_pauses_commits_and_the_session_finishes_when_space_returns(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "small"
+    _mount_tmpfs(output, "24m")
+    try:
+        inputs = tmp_path / "inputs"
+        files = Inputs(inputs)
+        config = write_config(tmp_path, inputs, output, ctf=False)
+        service = ServiceProcess(config, tmp_path / "log")
+        service.start()
+        service.wait_running()
+        filler = output / "filler.bin"
+        with open(filler, "wb") as handle:  # every byte: nothing fits until it is removed
+            _fill(handle)
+        try:
+            stems = [f"m{index}" for index in range(8)]
+            for index, stem in enumerate(stems):
+                files.add(stem, seed=index)
+            wait_for(lambda: "disk full" in service.output(), 90, "the service to see ENOSPC")
+            assert service.alive(), service.output()
+            code, body = _health(config)
+            assert code == 503, body
+            assert "disk full" in body
+            filler.unlink()
+            wait_for(
+                lambda: (
+                    committed_rows(output) == len(stems) * PARTICLES
+                    and committed_rows(output, "particles_small") == len(stems) * PARTICLES
+                ),
+                120,
+                "every particle after space returned",
+            )
+            assert "committing resumes" in service.output()
+            assert _health(config)[0] == 200
+            assert service.terminate() == 0, service.output()
+        finally:
+            if service.alive():
+                service.kill()
+        check_outputs(output, dict.fromkeys(stems, PARTICLES))
+        relion_reads(output / "particles.star", tmp_path)
+        service.assert_no_leftovers()
+    finally:
+        subprocess.run(["umount", "-l", str(output)], check=False)
