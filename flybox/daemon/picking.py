@@ -10,7 +10,10 @@ corrections, learning (issue 13).
   with (a restart or a new model never repicks it); "re-pick with the current model"
   (``POST /api/pick/repick``) makes new versions of the uncorrected autopicked micrographs.
 * **The picker.** ``/pick`` and ``/api/pick/...`` serve the picker (:mod:`flybox.pick.app`) on
-  the committed micrographs, its session in ``OUTPUT/Picks`` (``picking.json``). Saving picks
+  the committed micrographs, its session in ``OUTPUT/Picks`` (``picking.json``, written at
+  most once per second while micrographs join: :class:`SessionFileWriter`). Its "Autopick"
+  and "Correct and next" propose with the service's current model version (no manual picks
+  needed; the picker never trains a model of its own here). Saving picks
   there writes ``OUTPUT/Picks/<stem>_manualpick.star`` and hands the file to intake as the
   stem's corrected picks: a new unit version, re-extracted from them, whose rows replace the
   old ones in every cumulative STAR file through the existing versioning. Exactly once
@@ -33,6 +36,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -53,13 +57,19 @@ from flybox.daemon.work.units import autopick_digest
 from flybox.errors import ConfigError, FlyboxError, TextParseError
 from flybox.pick.app import PickerMount, mount_picker
 from flybox.pick.learner import LabelledMicrograph, PickModel
-from flybox.pick.live import AUTOPICK_SUFFIX, Autopick, model_version_path, retrain
+from flybox.pick.live import (
+    AUTOPICK_SUFFIX,
+    Autopick,
+    model_of_version,
+    model_version_path,
+    retrain,
+)
 from flybox.pick.model_file import load_model, save_model
 from flybox.pick.session import PickSession
 from flybox.pick.store import PickStore
 from flybox.pipeline.layout import stream_paths
 
-__all__ = ["LivePicking", "ModelVersion"]
+__all__ = ["LivePicking", "ModelVersion", "SessionFileWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +101,52 @@ def _load_checked(path: Path) -> tuple[PickModel, str]:
         raise ConfigError("picking.model", str(exc)) from None
     except OSError as exc:
         raise ConfigError("picking.model", f"{path}: {exc.strerror or exc}") from None
+
+
+class SessionFileWriter:
+    """Keeps ``picking.json`` up to date as micrographs join the picker, at a cost independent
+    of how many join: the file (one line per micrograph) is rewritten at most once per
+    ``interval`` while the store is behind (:attr:`PickStore.dirty`), atomically, in a thread,
+    and once more on exit. A micrograph that joins carries no user work (its picks are the
+    service's files), so a file a second behind loses nothing; the picker's own saves (picks,
+    states, settings) still write at once.
+
+    Parameters
+    ----------
+    store
+        The picker's store (micrographs join it with ``add_micrograph(..., save=False)``).
+    interval
+        The least time between two writes, in seconds.
+    """
+
+    def __init__(self, store: PickStore, interval: float = 1.0) -> None:
+        self.store = store
+        self.interval = interval
+        self._changed = asyncio.Event()
+
+    def changed(self) -> None:
+        """The store changed: write it soon (coalesced with the changes that follow)."""
+        self._changed.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await asyncio.to_thread(self.store.flush)
+            await asyncio.sleep(self.interval)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[SessionFileWriter]:
+        """Own the writing task for the ``async with`` block; write what is left on exit."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                task = tasks.create_task(self._loop(), name="picking-session-file")
+                try:
+                    yield self
+                finally:
+                    task.cancel()
+        finally:
+            await asyncio.to_thread(self.store.flush)
 
 
 class LivePicking:
@@ -137,6 +193,7 @@ class LivePicking:
         self.store: PickStore | None = None
         self.session: PickSession | None = None
         self.mount: PickerMount | None = None
+        self.writer: SessionFileWriter | None = None
         self._learn = asyncio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
         self.retrainings = 0
@@ -157,6 +214,11 @@ class LivePicking:
         """The coordinates' stand-in hash of a unit picked with ``version``."""
         entry = self._entry(version)
         return autopick_digest(entry.version, entry.sha, self.config.threshold, self.particle_size)
+
+    def _current_model(self) -> tuple[PickModel, int]:
+        """The picker's model: the current version (blocking: the picker's threads call it)."""
+        entry = self._entry(self.current)
+        return model_of_version(entry.path, entry.version), entry.version
 
     def autopick_for(self, version: int) -> Autopick:
         """The worker's autopick step with model ``version`` (0: the current one)."""
@@ -198,8 +260,9 @@ class LivePicking:
                 particle_size=self.particle_size,
                 allow_empty=True,
             )
-            self.session = session = PickSession(store)
+            self.session = session = PickSession(store, model_source=self._current_model)
             stack.callback(session.close)
+            self.writer = await stack.enter_async_context(SessionFileWriter(store).running())
             await self._join_committed()
             await self._register_corrections()
             extra: list[BaseRoute] = [
@@ -356,15 +419,19 @@ class LivePicking:
     # ----------------------------------------------------------------------------- loops
     async def _follow(self, subscription: Any) -> None:
         """Committed micrographs join the picker (as they are committed)."""
-        store = self.store
+        store, writer = self.store, self.writer
         assert store is not None
+        assert writer is not None
         async for event in subscription:
             if isinstance(event, MicrographEvent):
                 picks = self._shown_picks(event.name)
                 try:
-                    await asyncio.to_thread(store.add_micrograph, Path(event.path), picks)
+                    await asyncio.to_thread(
+                        store.add_micrograph, Path(event.path), picks, save=False
+                    )
                 except (FlyboxError, OSError) as exc:
                     log.warning("%s: not shown in the picker: %s", event.name, exc)
+                writer.changed()
 
     async def _learn_loop(self) -> None:
         while True:
@@ -381,6 +448,8 @@ class LivePicking:
             self.versions.append(entry)
             self.current = entry.version
             self.retrainings += 1
+            assert self.store is not None
+            await asyncio.to_thread(self.store.update_session, model_version=entry.version)
             await self._save_versions(self.versions, entry.version)
             log.info(
                 "picking: model v%d learned from %d corrected micrographs (%d labels): %s",
@@ -414,7 +483,6 @@ class LivePicking:
         version = max(v.version for v in self.versions) + 1
         path = model_version_path(self.picks_dir, version)
         save_model(path, model)
-        store.update_session(model_version=version)
         entry = ModelVersion(version, str(path), _sha(path), "learned")
         return entry, int(model.labels.shape[0]), len(examples)
 

@@ -29,7 +29,7 @@ from flybox.pick.learner import LabelledMicrograph, PickModel, training_set
 from flybox.pick.model_file import load_model
 from flybox.pick.store import FOM, ORIGIN_COLUMN, X, Y
 
-__all__ = ["AUTOPICK_SUFFIX", "Autopick", "model_version_path", "retrain"]
+__all__ = ["AUTOPICK_SUFFIX", "Autopick", "model_of_version", "model_version_path", "retrain"]
 
 AUTOPICK_SUFFIX = "_autopick.star"
 
@@ -42,8 +42,9 @@ def model_version_path(folder: Path, version: int) -> Path:
     return Path(folder) / f"model-v{version}.flypick"
 
 
-def _model(path: str, version: int) -> PickModel:
-    """The model of a version, loaded once per process (the file of a version never changes)."""
+def model_of_version(path: str, version: int) -> PickModel:
+    """The model of a version, loaded once per process (the file of a version never changes):
+    the workers' autopick step and the picker at ``/pick`` share it."""
     key = (path, version)
     with _models_lock:
         model = _models.get(key)
@@ -83,7 +84,7 @@ class Autopick:
     ) -> tuple[pd.DataFrame, dict[str, float]]:
         """Picks on ``image``: the table to extract and the picker's figures."""
         started = time.perf_counter()
-        model = _model(self.model, self.version)
+        model = model_of_version(self.model, self.version)
         prepared = prepare(np.asarray(image, dtype=np.float32), self.particle_size)
         proposals = model.propose(prepared, min_score=self.threshold)
         order = np.argsort(-proposals.score, kind="stable")

@@ -4,7 +4,9 @@
 ``asyncio.to_thread``. It keeps prepared micrographs (binned band-passed channels) and rendered
 images in small LRU caches, prepares the next micrograph ahead of time on one background
 thread, and retrains the model only when the labels changed (saving ``model.flypick`` and
-bumping the session's model version).
+bumping the session's model version). Given a ``model_source`` (the streaming service), it
+never trains: Autopick uses the model that source hands out (the service's current version),
+with no minimum of manual picks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -34,7 +36,10 @@ from flybox.pick.model_file import MODEL_FILE_NAME, save_model
 from flybox.pick.render import RenderSettings, render_micrograph
 from flybox.pick.store import Pick, PickStore
 
-__all__ = ["NotEnoughLabelsError", "PickSession"]
+__all__ = ["ModelSource", "NotEnoughLabelsError", "PickSession"]
+
+#: Hands out the model Autopick uses and its version (called in a worker thread).
+ModelSource: TypeAlias = Callable[[], tuple[PickModel, int]]
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +80,16 @@ class PickSession:
     ----------
     store
         The session's store.
+    model_source
+        Where Autopick's model comes from instead of training on the session's labels (the
+        service: its current model version); ``None`` (``flybox pick serve``) trains.
     """
 
-    def __init__(self, store: PickStore) -> None:
+    def __init__(self, store: PickStore, *, model_source: ModelSource | None = None) -> None:
         self.store = store
+        self._model_source = model_source
+        if model_source is not None:
+            store.model_source = "service"
         self._prepared = _LRU(48)
         self._images = _LRU(32)
         self._model: PickModel | None = None
@@ -164,8 +175,13 @@ class PickSession:
         Raises
         ------
         NotEnoughLabelsError
-            Fewer than 15 manual picks on reviewed micrographs.
+            Fewer than 15 manual picks on reviewed micrographs (never with a model source).
         """
+        if self._model_source is not None:
+            model, version = self._model_source()
+            if version != self.store.model_version:
+                self.store.update_session(model_version=version)
+            return model
         with self._train_lock:
             fingerprint = self.store.labels_fingerprint()
             if self._model is not None and fingerprint == self._model_labels:

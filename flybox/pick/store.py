@@ -224,6 +224,13 @@ class PickStore:
         self.autopick_used = bool(session.get("autopick_used", False))
         self.last_micrograph: str | None = session.get("last_micrograph")
         self.model_version = int(session.get("model_version", 0))
+        #: Where Autopick's model comes from: ``"session"`` (trained on this session's labels)
+        #: or ``"service"`` (the streaming service's current model; no labels needed).
+        self.model_source: Literal["session", "service"] = "session"
+        #: ``picking.json`` is behind the records (:meth:`add_micrograph` with ``save=False``).
+        self.dirty = False
+        #: Times ``picking.json`` was written (a session's cost grows with this).
+        self.session_writes = 0
         states = session.get("micrographs", {})
         self._saved_states: dict[str, Any] = dict(states)
         files, grouped = _imported_picks(picks, picks_suffix)
@@ -249,6 +256,8 @@ class PickStore:
             self.records[name] = record
             if save:
                 self._save_session()
+            else:
+                self.dirty = True
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -321,6 +330,7 @@ class PickStore:
             picks = [p for r in self.records.values() for p in r.picks]
             manual = sum(p.origin == "manual" for p in picks)
             states = [r.state for r in self.records.values()]
+            service = self.model_source == "service"
             return {
                 "particle_size": self.particle_size,
                 "micrograph_count": len(self.records),
@@ -330,8 +340,9 @@ class PickStore:
                 "autopick_used": self.autopick_used,
                 "last_micrograph": self.last_micrograph,
                 "model_version": self.model_version,
-                "enough_labels": manual >= MIN_MANUAL_PICKS,
-                "labels_needed": max(0, MIN_MANUAL_PICKS - manual),
+                "model_source": self.model_source,
+                "enough_labels": service or manual >= MIN_MANUAL_PICKS,
+                "labels_needed": 0 if service else max(0, MIN_MANUAL_PICKS - manual),
                 "threshold": self.threshold,
                 "states": {s: states.count(s) for s in STATES},
             }
@@ -437,11 +448,22 @@ class PickStore:
         if discarded or discarded_path.exists():
             write_star(discarded_path, {"": _picks_table(discarded)})
 
+    def flush(self) -> bool:
+        """Write ``picking.json`` when it is behind the records; returns whether it wrote."""
+        with self._lock:
+            if not self.dirty:
+                return False
+            self._save_session()
+            return True
+
     def _save_session(self) -> None:
-        session = self.summary()
-        session["format_version"] = SESSION_VERSION
-        session["micrographs"] = {
-            r.name: {"state": r.state, "path": os.fspath(r.path)} for r in self.records.values()
-        }
-        with atomic_write(self.folder / SESSION_FILE, "w") as fh:
-            fh.write(json.dumps(session, indent=1) + "\n")
+        with self._lock:
+            session = self.summary()
+            session["format_version"] = SESSION_VERSION
+            session["micrographs"] = {
+                r.name: {"state": r.state, "path": os.fspath(r.path)} for r in self.records.values()
+            }
+            with atomic_write(self.folder / SESSION_FILE, "w") as fh:
+                fh.write(json.dumps(session, indent=1) + "\n")
+            self.dirty = False
+            self.session_writes += 1

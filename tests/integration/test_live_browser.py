@@ -5,6 +5,7 @@ docs/images/ (shown in the README)."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,16 @@ def test_dashboard_draws_plots_and_thumbnails_and_follows_commits(
     expect(page.locator(".thumb[data-loaded=true]")).to_have_count(8, timeout=30_000)
     assert page.locator("#p-particles circle").count() == 8
     assert page.locator(".thumb svg circle.auto").count() > 100
+    # The main stream's count, labelled plainly, the small set's beside it; nothing failed,
+    # so the failed · quarantined card is not red.
+    counts = api.call("/api/status")[2]["particles"]
+    assert 0 < counts["particles"] < 10_000  # shown as an integer (no "k")
+    expect(page.locator("#c-particles-label")).to_have_text("particles")
+    expect(page.locator("#c-particles")).to_have_text(str(counts["particles"]))
+    small = f"particles_small {counts['particles_small']}"
+    expect(page.locator("#c-particles-more")).to_have_text(small)
+    expect(page.locator("#c-failed")).to_have_text("0 · 0")
+    expect(page.locator("#card-failed")).not_to_have_class(re.compile(r"\bwarn\b"))
     page.wait_for_timeout(400)
     IMAGES.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMAGES / "dashboard.png"), full_page=True)
@@ -127,6 +138,14 @@ def test_the_picker_in_the_service_corrects_a_micrograph(
         after = rows(output, stream)
         assert int((after["stem"] == name).sum()) == count - 1
         assert set(after[after["stem"] == name]["flyboxPickOrigin"]) == {"auto"}
+
+    # Autopick proposes with the service's model: no manual picks needed, no training here.
+    expect(page.locator("#summary")).to_contain_text("autopick with the service's model")
+    expect(page.locator("#autopick")).to_be_enabled()
+    page.locator("#autopick").click()
+    expect(page.locator("#message")).to_contain_text("from model v1", timeout=30_000)
+    expect(page.locator("#summary")).to_contain_text("autopick used")
+    expect(page.locator("#summary")).to_contain_text("model v1")
     page.wait_for_timeout(300)
     page.screenshot(path=str(IMAGES / "live-pick.png"))
     page.close()

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flybox.io.mrc import write_micrograph
+from flybox.io.mrc import read_micrograph, write_micrograph
 from flybox.io.star import read_relion_star
 from flybox.pick.features import prepare
 from flybox.pick.learner import LabelledMicrograph, train
-from flybox.pick.model_file import save_model
+from flybox.pick.model_file import load_model, save_model
 from flybox.pick.synthetic import SyntheticMicrograph, match_picks, synthetic_micrograph
 from tests.helpers.service import ServiceProcess, free_port, wait_for
 
@@ -123,6 +123,14 @@ class Api:
         assert status == 200
 
 
+def autopick(api: Api, name: str) -> tuple[np.ndarray, int]:
+    """The picker's Autopick on ``name`` (every proposal scoring 0.05 or more)."""
+    status, _, body = api.call(f"/api/pick/micrographs/{name}/autopick?min_score=0.05", "POST", {})
+    assert status == 200
+    xy = np.array([(p["x"], p["y"]) for p in body["picks"]], dtype=np.float64).reshape(-1, 2)
+    return xy, int(body["model_version"])
+
+
 def rows(output: Path, stream: str) -> pd.DataFrame:
     table = read_relion_star(output / STREAMS[stream], "particles").rows
     return table.assign(stem=[Path(str(n)).stem for n in table["rlnMicrographName"]])
@@ -194,6 +202,28 @@ def test_the_service_picks_learns_and_re_extracts_corrections_exactly_once(
         metrics = urllib.request.urlopen(api.base + "/metrics", timeout=10).read().decode()
         assert "flybox_pick_model_version 1.0" in metrics
 
+        # The picker's Autopick uses the service's model at once: no manual picks, no
+        # training in the picker; the summary shows the service's version and "autopick used".
+        summary = api.call("/api/pick/summary")[2]
+        assert (summary["manual"], summary["model_source"], summary["enough_labels"]) == (
+            0,
+            "service",
+            True,
+        )
+        proposed, version = autopick(api, "mic07")
+        assert version == 1
+        shown = api.call("/api/pick/micrographs/mic07/picks")[2]
+        known = [(p["x"], p["y"]) for p in (*shown["picks"], *shown["discarded"])]
+        image, _ = read_micrograph(str(inputs / "mic07.mrc"))
+        expected = load_model(model).propose(
+            prepare(image, SIZE), min_score=0.05, exclude=np.array(known).reshape(-1, 2)
+        )
+        assert len(expected) > 0
+        np.testing.assert_allclose(proposed, expected.xy)
+        summary = api.call("/api/pick/summary")[2]
+        assert (summary["model_version"], summary["autopick_used"]) == (1, True)
+        assert not (output / "Picks" / "model.flypick").exists()
+
         # A correction through the API: its rows in every stream become exactly the picks.
         before = {stream: rows(output, stream) for stream in STREAMS}
         corrected = truth["mic03"][:25]
@@ -218,6 +248,9 @@ def test_the_service_picks_learns_and_re_extracts_corrections_exactly_once(
         assert Path(learned["versions"][-1]["path"]).is_file()
         metrics = urllib.request.urlopen(api.base + "/metrics", timeout=10).read().decode()
         assert f"flybox_pick_model_version {float(learned['current'])}" in metrics
+        # ... and the picker's Autopick proposes with the learned version from then on.
+        assert autopick(api, "mic07")[1] == learned["current"]
+        assert api.call("/api/pick/summary")[2]["model_version"] == learned["current"]
 
         # SIGKILL while the corrected micrograph is re-extracted; restart: exactly once.
         second = truth["mic05"][5:30]

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flybox.config import parse_config
+from flybox.daemon.picking import SessionFileWriter
 from flybox.daemon.telemetry.events import EventBus, MicrographEvent, Quality, StatusEvent
 from flybox.daemon.telemetry.fanout import Telemetry
 from flybox.daemon.telemetry.quality import figure_value
 from flybox.errors import ConfigError
+from flybox.io.mrc import write_micrograph
+from flybox.pick.store import SESSION_FILE, PickStore
 from tests.helpers.mqtt_broker import free_port
 from tests.helpers.tasks import no_tasks_left
 
@@ -97,4 +102,40 @@ async def test_dashboard_page_history_and_event_stream(tmp_path: Path) -> None:
         assert b"dashboard.js" in page
     writer.close()
     await writer.wait_closed()
+    await no_tasks_left()
+
+
+async def test_picking_json_is_written_coalesced_not_once_per_commit(tmp_path: Path) -> None:
+    """N micrographs joining the service's picker cost a bounded number of writes of
+    ``picking.json`` (each holds every micrograph), not N; the file ends complete."""
+    folder = tmp_path / "Micrographs"
+    folder.mkdir()
+    store = PickStore([], tmp_path / "Picks", particle_size=20, allow_empty=True)
+    initial = store.session_writes
+    interval, joins = 30.0, 60
+    started = time.monotonic()
+    async with SessionFileWriter(store, interval).running() as writer:
+        for i in range(joins):
+            path = folder / f"m{i:03d}.mrc"
+            write_micrograph(path, np.zeros((32, 32), np.float32), 1.0)
+            await asyncio.to_thread(store.add_micrograph, path, None, save=False)
+            writer.changed()
+            await asyncio.sleep(0)  # the writer task runs between joins
+        # A user's save still writes at once (and catches up with the joins).
+        await asyncio.to_thread(store.update_session, threshold=0.4)
+        assert not store.dirty
+        on_disk = json.loads((store.folder / SESSION_FILE).read_text())
+        assert len(on_disk["micrographs"]) == joins
+        path = folder / "late.mrc"
+        write_micrograph(path, np.zeros((32, 32), np.float32), 1.0)
+        await asyncio.to_thread(store.add_micrograph, path, None, save=False)
+        writer.changed()
+    elapsed = time.monotonic() - started
+    writes = store.session_writes - initial
+    # At most one write per interval while joining, the user's save, and the one on exit.
+    assert writes <= 3 + int(elapsed // interval)
+    assert writes < joins
+    on_disk = json.loads((store.folder / SESSION_FILE).read_text())
+    assert len(on_disk["micrographs"]) == joins + 1
+    assert (on_disk["threshold"], store.dirty) == (0.4, False)
     await no_tasks_left()

@@ -51,7 +51,9 @@ function say(text, kind = "info", action = null) {
 function renderSummary() {
   const s = state.summary;
   if (!s) return;
-  const labels = s.enough_labels
+  const labels = s.model_source === "service"
+    ? `<span class="ok">autopick with the service's model</span>`
+    : s.enough_labels
     ? `<span class="ok">enough labels to autopick</span>`
     : `<span class="need">${s.labels_needed} more manual picks to autopick</span>`;
   $("summary").innerHTML =
@@ -420,6 +422,8 @@ async function autopick() {
   } catch (error) {
     say(`Autopick failed: ${error.message}`, "error");
   } finally {
+    // The summary changed (autopick used; in the service, the model version proposing).
+    state.summary = await apiJson("/summary").catch(() => state.summary);
     renderSummary();
   }
 }

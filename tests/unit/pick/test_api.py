@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from flybox.pick.app import create_pick_app
+from flybox.pick.features import prepare
+from flybox.pick.learner import LabelledMicrograph, PickModel, train
+from flybox.pick.model_file import MODEL_FILE_NAME
 from flybox.pick.session import PickSession
-from flybox.pick.store import PickStore
-from flybox.pick.synthetic import SyntheticMicrograph
+from flybox.pick.store import SESSION_FILE, PickStore
+from flybox.pick.synthetic import SyntheticMicrograph, match_picks
 from tests.unit.pick.conftest import PARTICLE_SIZE
 
 API = "/api/pick"
@@ -203,3 +208,57 @@ async def test_a_picks_file_that_does_not_parse_is_reported_and_never_overwritte
         response = await client.put(f"{API}/micrographs/mic0/picks", json={"picks": []})
         assert response.status_code == 409
     assert (folder / "mic0_manualpick.star").read_text() == garbage
+
+
+async def test_with_a_model_source_autopick_and_correct_and_next_use_that_model_at_once(
+    store: PickStore, synthetic_set: list[SyntheticMicrograph], tmp_path: Path
+) -> None:
+    """The service's picker: no manual picks, no training; proposals from the source's model
+    and version, and the summary says so."""
+    examples = [
+        LabelledMicrograph(f"t{i}", prepare(m.image, PARTICLE_SIZE), m.particles)
+        for i, m in enumerate(synthetic_set[2:4])
+    ]
+    model = train(examples, PARTICLE_SIZE)
+    handed: list[int] = []
+
+    def source() -> tuple[PickModel, int]:
+        handed.append(7)
+        return model, 7
+
+    app = create_pick_app(PickSession(store, model_source=source))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        summary = (await client.get(f"{API}/summary")).json()
+        assert summary["manual"] == 0
+        assert (summary["model_source"], summary["enough_labels"]) == ("service", True)
+        assert summary["labels_needed"] == 0
+        answer = await client.post(f"{API}/micrographs/mic0/autopick?min_score=0.5")
+        assert answer.status_code == 200
+        assert answer.json()["model_version"] == 7
+        proposed = np.array([(p["x"], p["y"]) for p in answer.json()["picks"]])
+        expected = model.propose(prepare(synthetic_set[0].image, PARTICLE_SIZE), min_score=0.5)
+        np.testing.assert_allclose(proposed, expected.xy)
+        tp, fp, fn = match_picks(proposed, synthetic_set[0].particles, PARTICLE_SIZE)
+        assert 2 * tp / (2 * tp + fp + fn) >= 0.8
+
+        # "Correct and next": save the correction, then propose on the next micrograph.
+        picks = await client.get(f"{API}/micrographs/mic0/picks")
+        body = {"picks": answer.json()["picks"], "discarded": [], "state": "corrected"}
+        saved = await client.put(
+            f"{API}/micrographs/mic0/picks", json=body, headers={"If-Match": picks.headers["ETag"]}
+        )
+        assert saved.status_code == 200
+        following = await client.post(f"{API}/micrographs/mic1/autopick?min_score=0.5")
+        assert following.status_code == 200
+        assert following.json()["model_version"] == 7
+        assert len(following.json()["picks"]) > 20
+        summary = (await client.get(f"{API}/summary")).json()
+        assert (summary["model_version"], summary["autopick_used"]) == (7, True)
+    # Never trained: no session model file, and the source was asked each time.
+    assert not (store.folder / MODEL_FILE_NAME).exists()
+    assert len(handed) == 2
+    saved_summary = json.loads((store.folder / SESSION_FILE).read_text())
+    assert saved_summary["model_version"] == 7

@@ -97,10 +97,17 @@ function drawStatus() {
   $("c-queue").textContent = `${c.queued} · ${c.running}`;
   $("c-waiting").textContent = fmt(c.waiting);
   $("c-failed").textContent = `${c.failed} · ${c.quarantined}`;
-  const streams = Object.entries(s.particles || {});
-  if (streams.length) {
-    $("c-particles").textContent = fmt(streams[0][1]);
-    $("c-particles-label").textContent = "particles (" + streams[0][0] + ")";
+  // Red only when something failed or was quarantined.
+  $("card-failed").classList.toggle("warn", c.failed + c.quarantined > 0);
+  // The main stream's count (the chain's first output) large; the other sets small beside it.
+  const counts = s.particles || {};
+  const names = Object.keys(counts);
+  const main = names.includes(state.stream) ? state.stream : names[0];
+  if (main !== undefined) {
+    $("c-particles").textContent = fmt(counts[main]);
+    $("c-particles-label").textContent = main === "particles" ? "particles" : `particles · ${main}`;
+    $("c-particles-more").textContent = names.filter((n) => n !== main)
+      .map((n) => `${n} ${fmt(counts[n])}`).join(" · ");
   }
   $("c-rate").textContent = (s.rates ? s.rates.micrographs_per_hour : s.mph || 0).toFixed(0);
   const backlog = s.backlog && typeof s.backlog === "object" ? s.backlog : { micrographs: s.backlog, catch_up_seconds: s.catch_up };
