@@ -236,6 +236,12 @@ def api_routes(state: _State) -> list[BaseRoute]:
         if body.last_micrograph is not None and body.last_micrograph not in store.records:
             return _error(400, f"no micrograph named {body.last_micrograph}")
         if body.particle_size is not None and body.particle_size != store.particle_size:
+            if session.particle_size_fixed:
+                return _error(
+                    409,
+                    f"the particle size is the service model's ({store.particle_size:g} px); "
+                    "change [picking] particle_size and restart to use another",
+                )
             await asyncio.to_thread(session.set_particle_size, body.particle_size)
         await asyncio.to_thread(
             store.update_session, threshold=body.threshold, last_micrograph=body.last_micrograph

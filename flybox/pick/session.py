@@ -163,7 +163,14 @@ class PickSession:
         index = names.index(name)
         return names[index + 1] if index + 1 < len(names) else None
 
+    @property
+    def particle_size_fixed(self) -> bool:
+        """With a model source (the service), the particle size is the model's: features at
+        another size would make its proposals meaningless."""
+        return self._model_source is not None
+
     def set_particle_size(self, size: float) -> None:
+        """Change the particle size (diameter in micrograph pixels) of a standalone session."""
         self.store.update_session(particle_size=size)
         self._prepared.clear()
 

@@ -66,6 +66,10 @@ function renderSummary() {
     `<span>last <b>${s.last_micrograph ?? "—"}</b></span>${labels}`;
   $("autopick").disabled = !s.enough_labels || !state.name || state.readOnly;
   $("autopick-all").disabled = !s.enough_labels;
+  // In the service the particle size is its model's (the server refuses another).
+  $("particle-size").disabled = s.model_source === "service";
+  $("particle-size").title = s.model_source === "service"
+    ? "the service model's particle size ([picking] particle_size)" : "";
 }
 
 function renderList() {

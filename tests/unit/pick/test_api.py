@@ -257,6 +257,11 @@ async def test_with_a_model_source_autopick_and_correct_and_next_use_that_model_
         assert len(following.json()["picks"]) > 20
         summary = (await client.get(f"{API}/summary")).json()
         assert (summary["model_version"], summary["autopick_used"]) == (7, True)
+        # The particle size is the service model's: another would make its proposals wrong.
+        refused = await client.put(f"{API}/session", json={"particle_size": PARTICLE_SIZE * 2})
+        assert refused.status_code == 409
+        assert "service model" in refused.json()["error"]
+        assert (await client.get(f"{API}/summary")).json()["particle_size"] == PARTICLE_SIZE
     # Never trained: no session model file, and the source was asked each time.
     assert not (store.folder / MODEL_FILE_NAME).exists()
     assert len(handed) == 2
