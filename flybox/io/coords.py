@@ -23,6 +23,7 @@ __all__ = [
     "PICK_COLUMNS",
     "CoordFormat",
     "detect_format",
+    "is_number",
     "pick_columns",
     "read_coordinates",
     "write_coordinates_star",
@@ -211,7 +212,7 @@ def _numeric_lines(
             if not rows and not seen_header:
                 seen_header = True
                 continue
-            bad = next(t for t in tokens if not _is_number(t))
+            bad = next(t for t in tokens if not is_number(t))
             raise CoordinateFormatError(
                 path, f"line {number}: expected {expected} numeric columns, got {bad!r}"
             ) from None
@@ -219,7 +220,8 @@ def _numeric_lines(
     return np.array(rows, dtype=np.float64).reshape(len(rows), width)
 
 
-def _is_number(token: str) -> bool:
+def is_number(token: str) -> bool:
+    """Whether a text token is a number as Python reads it (``1e3``, ``-0.5``, ``nan``)."""
     try:
         float(token)
     except ValueError:
@@ -274,7 +276,7 @@ def _read_topaz(path: PathLike) -> pd.DataFrame:
             if "score" in index:
                 scores.append(float(tokens[index["score"]]))
         except ValueError:
-            bad = next(t for t in tokens[1:] if not _is_number(t))
+            bad = next(t for t in tokens[1:] if not is_number(t))
             raise CoordinateFormatError(
                 path, f"line {number}: expected numeric x_coord/y_coord/score, got {bad!r}"
             ) from None

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from flybox.errors import CtfFormatError, StarFormatError
+from flybox.io.coords import is_number
 from flybox.io.star import optics_groups, read_relion_star
 from flybox.types import CtfParams, OpticsGroup
 
@@ -143,7 +144,7 @@ def _read_ctffind(path: PathLike) -> dict[str, CtfParams]:
         try:
             values = [float(t) for t in tokens[:7]]
         except ValueError:
-            bad = next(t for t in tokens[:7] if not _is_float(t))
+            bad = next(t for t in tokens[:7] if not is_number(t))
             raise CtfFormatError(path, f"line {number}: expected a number, got {bad!r}") from None
         key = name if count == 1 else f"{int(values[0]):06d}@{name}"
         ctfs[key] = CtfParams(
@@ -159,14 +160,6 @@ def _read_ctffind(path: PathLike) -> dict[str, CtfParams]:
     if not ctfs:
         raise CtfFormatError(path, "no defocus rows")
     return ctfs
-
-
-def _is_float(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
 
 
 def _load_cs(path: PathLike) -> npt.NDArray[np.void]:
