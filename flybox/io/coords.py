@@ -18,6 +18,7 @@ import pandas as pd
 
 from flybox.errors import CoordinateFormatError, StarFormatError
 from flybox.io.star import read_relion_star, read_star, write_star
+from flybox.types import CTF_STAR_COLUMNS
 
 __all__ = [
     "PICK_COLUMNS",
@@ -70,12 +71,7 @@ PICK_COLUMNS = frozenset(
         "rlnHelicalTubeID",
         "rlnHelicalTrackLength",
         "rlnHelicalTrackLengthAngst",
-        "rlnDefocusU",
-        "rlnDefocusV",
-        "rlnDefocusAngle",
-        "rlnCtfBfactor",
-        "rlnCtfScalefactor",
-        "rlnPhaseShift",
+        *CTF_STAR_COLUMNS,
         "rlnCtfMaxResolution",
         "rlnCtfFigureOfMerit",
         "rlnOriginXAngst",
