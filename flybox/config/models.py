@@ -123,8 +123,13 @@ class ExecutorConfig(_Section):
     #: On SIGTERM/SIGINT, in-flight micrographs get this long to finish; the rest are handed
     #: back to the journal (queued) for the next start.
     drain_seconds: float = Field(default=30.0, ge=0)
-    #: Attempts per micrograph before it is marked failed (worker crashes, I/O errors).
+    #: Attempts per micrograph before it is marked failed (worker crashes, I/O errors,
+    #: timeouts).
     max_attempts: int = Field(default=3, ge=1)
+    #: A job that has not finished after this long (per 256 MiB of micrograph, at least once)
+    #: is abandoned: its worker is stopped and replaced, and the attempt counts as failed (a
+    #: micrograph on a hung mount must not hold a worker forever).
+    job_timeout_seconds: float = Field(default=600.0, ge=1, le=86400, allow_inf_nan=False)
 
     @field_validator("address")
     @classmethod

@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 STATUS_SECONDS = 5.0
 #: Failure codes whose units a restart queues again (the cause may be gone: a full disk,
 #: a crash, a fixed bug); ``processing`` failures are deterministic and stay failed.
-RETRIED_AT_START = ("worker_crash", "io_error", "internal")
+RETRIED_AT_START = ("worker_crash", "job_timeout", "io_error", "internal")
 #: A journal call (the commits' thread) that has not returned after this long is a stall.
 JOURNAL_STALL_SECONDS = 120.0
 

