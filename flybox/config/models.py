@@ -68,6 +68,10 @@ class SessionConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output: Path
     project_dir: Path | None = None
+    #: A loop of the service (journal/commit, work; intake: at least twice its 60 s read
+    #: timeout) that makes no progress for this long is reported stalled: status ``health``,
+    #: ``/healthz`` answers 503 naming it.
+    stall_seconds: float = Field(default=120.0, ge=1, le=86400, allow_inf_nan=False)
 
     def project_folder(self) -> Path:
         """The project folder, absolute (``project_dir``, else the working directory)."""

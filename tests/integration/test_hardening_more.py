@@ -8,6 +8,8 @@ import os
 import shutil
 import signal
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,61 @@ def test_a_job_hung_on_storage_is_abandoned_its_worker_replaced_and_the_unit_ret
             if service.alive():
                 service.kill()
         check_outputs(output, {"hung": PARTICLES, "after": PARTICLES})
+        service.assert_no_leftovers()
+    finally:
+        disk.remove()
+
+
+def _health(config: Path) -> tuple[int, str]:
+    listen = next(
+        line.split('"')[1] for line in config.read_text().splitlines() if "listen" in line
+    )
+    try:
+        with urllib.request.urlopen(f"http://{listen}/healthz", timeout=10) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read().decode()
+
+
+def test_a_commit_loop_stalled_on_a_frozen_disk_makes_healthz_answer_503_naming_it(
+    tmp_path: Path,
+) -> None:
+    inputs, output = tmp_path / "inputs", tmp_path / "output"
+    files = Inputs(inputs)
+    disk = FreezableDisk(output)  # journal, STAR files and stacks: writes block when frozen
+    try:
+        config = write_config(tmp_path, inputs, output, ctf=False)
+        text = config.read_text().replace('name = "test"', 'name = "test"\nstall_seconds = 3')
+        config.write_text(text)
+        service = ServiceProcess(config, tmp_path / "log")
+        try:
+            service.start()
+            service.wait_running()
+            files.add("before", seed=1)
+            wait_for(lambda: committed_rows(output) == PARTICLES, 90, "the first micrograph")
+            assert _health(config)[0] == 200
+            disk.freeze()
+            files.add("during", seed=2)  # journaling it blocks the journal thread for good
+            wait_for(lambda: _health(config)[0] == 503, 90, "/healthz to answer 503")
+            code, body = _health(config)
+            assert code == 503, body
+            assert "journal loop stalled" in body, body
+            assert service.alive()
+            assert "the journal loop has made no progress for" in service.output()
+            disk.thaw()
+            wait_for(lambda: _health(config)[0] == 200, 90, "/healthz to recover")
+            wait_for(
+                lambda: "the journal loop makes progress again" in service.output(),
+                30,
+                "the recovery in the log",
+            )
+            wait_for(lambda: committed_rows(output) == 2 * PARTICLES, 90, "the second one")
+            assert service.terminate() == 0, service.output()
+        finally:
+            disk.thaw()
+            if service.alive():
+                service.kill()
+        check_outputs(output, {"before": PARTICLES, "during": PARTICLES})
         service.assert_no_leftovers()
     finally:
         disk.remove()

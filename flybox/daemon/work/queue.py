@@ -262,11 +262,12 @@ class UnitRunner:
 
     async def _schedule_loop(self) -> None:
         """Submit ready units while fewer than :attr:`limit` are in flight."""
-        self.heartbeats.register("work", 60.0)
+        self.heartbeats.register("work")  # [session] stall_seconds
+        idle = min(5.0, self.heartbeats.stall_seconds / 4)
         while True:
             self.heartbeats.beat("work")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):  # an idle loop beats too
+                async with asyncio.timeout(idle):  # an idle loop beats too
                     await self._ready.changed()
             while self._ready and len(self._running) < self.limit and not self._disk.full:
                 stem = self._ready.pop()
