@@ -4,9 +4,11 @@ middle of a worker's write, a job that hangs on storage, and the smaller items."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
@@ -14,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from flybox.io.coords import read_coordinates, write_coordinates_star
+from flybox.io.mrc import write_micrograph
+from flybox.sim.microscope import synthetic_micrograph
 from tests.conftest import missing_component
 from tests.helpers.mqtt_broker import FlyboxRun, Mosquitto, mqtt_settings, parse_sub_line
 from tests.helpers.service import (
@@ -23,9 +28,18 @@ from tests.helpers.service import (
     wait_for,
     write_config,
 )
-from tests.integration.test_hardening import PARTICLES, Inputs
+from tests.integration.test_hardening import (
+    PARTICLES,
+    Inputs,
+    _fill,
+    _mount_tmpfs,
+    relion_reads,
+)
 
 pytestmark = pytest.mark.slow
+
+#: Particles per micrograph of the disk-full test: stacks of about 2.5 MB per micrograph.
+BIG = 120
 
 
 def _retained_status(broker: Mosquitto, prefix: str) -> dict[str, object]:
@@ -161,12 +175,16 @@ def test_a_job_hung_on_storage_is_abandoned_its_worker_replaced_and_the_unit_ret
         disk.remove()
 
 
-def _health(config: Path) -> tuple[int, str]:
+def _base(config: Path) -> str:
     listen = next(
         line.split('"')[1] for line in config.read_text().splitlines() if "listen" in line
     )
+    return f"http://{listen}"
+
+
+def _health(config: Path) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://{listen}/healthz", timeout=10) as response:
+        with urllib.request.urlopen(f"{_base(config)}/healthz", timeout=10) as response:
             return int(response.status), response.read().decode()
     except urllib.error.HTTPError as error:
         return int(error.code), error.read().decode()
@@ -214,3 +232,101 @@ def test_a_commit_loop_stalled_on_a_frozen_disk_makes_healthz_answer_503_naming_
         service.assert_no_leftovers()
     finally:
         disk.remove()
+
+
+def _metric(config: Path, sample: str) -> float | None:
+    """One sample of ``/metrics`` (name and labels as Prometheus prints them)."""
+    with urllib.request.urlopen(f"{_base(config)}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _check_journal(output: Path, expected: dict[str, int]) -> None:
+    """The journal agrees with the STAR files: each stem's segment once, the committed
+    lengths are the files' sizes, every stem done exactly once."""
+    with sqlite3.connect(output / ".flybox" / "journal.sqlite") as db:
+        for stream, length, particles in db.execute(
+            "SELECT stream, length, particles FROM star_files"
+        ):
+            assert (output / f"{stream}.star").stat().st_size == length
+            assert committed_rows(output, stream) == particles == sum(expected.values())
+            segments = dict(
+                db.execute("SELECT stem, particles FROM segments WHERE stream = ?", (stream,))
+            )
+            assert segments == expected, (stream, segments)
+        done = db.execute(
+            "SELECT stem, COUNT(*) FROM units WHERE state = 'done' GROUP BY stem"
+        ).fetchall()
+    assert dict(done) == dict.fromkeys(expected, 1)
+
+
+def test_a_disk_that_fills_during_worker_writes_and_commits_pauses_and_the_session_finishes(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "small"
+    _mount_tmpfs(output, "24m")
+    try:
+        inputs = tmp_path / "inputs"
+        files = Inputs(inputs)
+        config = write_config(tmp_path, inputs, output, ctf=False)
+        service = ServiceProcess(config, tmp_path / "log")
+        service.start()
+        service.wait_running()
+        filler = output / "filler.bin"
+        with open(filler, "wb") as handle:
+            _fill(handle)
+        # about 1 MiB free, and stacks of about 2.5 MB per micrograph: the first worker's stack
+        # write fails in the middle (and later commits' STAR appends or journal writes)
+        os.truncate(filler, filler.stat().st_size - (1 << 20))
+        try:
+            stems = [f"m{index}" for index in range(6)]
+            for index, stem in enumerate(stems):
+                mic = synthetic_micrograph(512, BIG, rng=index)
+                write_micrograph(files.staging / f"{stem}.mrc", mic.image, 1.0)
+                write_coordinates_star(files.picks / f"{stem}_autopick.star", mic.picks)
+                shutil.copyfile(files.staging / f"{stem}.mrc", files.micrographs / f"{stem}.mrc")
+            wait_for(lambda: "disk full" in service.output(), 120, "the service to see ENOSPC")
+            wait_for(lambda: _health(config)[0] == 503, 60, "/healthz to answer 503")
+            assert "disk full" in _health(config)[1]
+            # the alert event, as the metrics saw it
+            assert _metric(config, 'flybox_alert_active{rule="disk_full"}') == 1.0
+            with urllib.request.urlopen(f"{_base(config)}/api/status", timeout=10) as response:
+                status = json.load(response)
+            assert status["health"]["disk_full"] is True, status["health"]
+            assert service.alive(), service.output()
+            assert committed_rows(output) < len(stems) * BIG
+            # a stack write (or a STAR append) ran out of space, not the journal; the units
+            # that hit it wait for space (they are not failed)
+            full = next(line for line in service.output().splitlines() if "disk full (" in line)
+            assert "OSError: [Errno 28] No space left on device" in full, full
+            filler.unlink()
+            wait_for(
+                lambda: (
+                    committed_rows(output) == len(stems) * BIG
+                    and committed_rows(output, "particles_small") == len(stems) * BIG
+                ),
+                180,
+                "every particle after space returned",
+            )
+            resumed = next(
+                line for line in service.output().splitlines() if "committing resumes" in line
+            )
+            assert "(0 micrographs waiting)" not in resumed, resumed
+            wait_for(lambda: _health(config)[0] == 200, 30, "/healthz to recover")
+            assert _metric(config, 'flybox_alert_active{rule="disk_full"}') == 0.0
+            assert service.terminate() == 0, service.output()
+        finally:
+            if service.alive():
+                service.kill()
+        expected = {
+            stem: len(read_coordinates(files.picks / f"{stem}_autopick.star")) for stem in stems
+        }
+        check_outputs(output, expected)
+        _check_journal(output, expected)
+        for stream in ("particles", "particles_small"):
+            relion_reads(output / f"{stream}.star", tmp_path)
+        service.assert_no_leftovers()
+    finally:
+        subprocess.run(["umount", "-l", str(output)], check=False)
