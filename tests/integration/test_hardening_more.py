@@ -330,3 +330,119 @@ def test_a_disk_that_fills_during_worker_writes_and_commits_pauses_and_the_sessi
         service.assert_no_leftovers()
     finally:
         subprocess.run(["umount", "-l", str(output)], check=False)
+
+
+def test_same_names_in_two_folders_and_binary_pick_files_get_records_of_their_own(
+    tmp_path: Path,
+) -> None:
+    inputs, output = tmp_path / "inputs", tmp_path / "output"
+    files = Inputs(inputs)
+    config = write_config(tmp_path, inputs, output, ctf=False)
+    text = config.read_text()
+    text = text.replace(f'"{inputs}/Micrographs/*.mrc"', f'"{inputs}/Micrographs/**/*.mrc"')
+    text = text.replace(
+        f'coordinates = ["{inputs}/AutoPick/*_autopick.star"]',
+        f'coordinates = ["{inputs}/AutoPick/*_autopick.star", "{inputs}/Picks/*.cbox", '
+        f'"{inputs}/Picks/*.pos"]',
+    )
+    text = text.replace('coordinate_suffix = "_autopick.star"\n', "")
+    config.write_text(text)
+    service = ServiceProcess(config, tmp_path / "log")
+    garbage = bytes(range(256)) * 64
+    try:
+        service.start()
+        service.wait_running()
+        # the same name in two folders, both unreadable: two records, one per file
+        for folder in ("a", "b"):
+            (files.micrographs / folder).mkdir()
+            (files.micrographs / folder / "dup.mrc").write_bytes(garbage)
+        # the same name in two folders, both valid: one is processed, the other set aside
+        source, picks = files.source("same", seed=1)
+        write_coordinates_star(files.picks / "same_autopick.star", picks)
+        for folder in ("a", "b"):
+            shutil.copyfile(source, files.micrographs / folder / "same.mrc")
+        # binary garbage named like crYOLO and .pos pick files, with good micrographs
+        (inputs / "Picks").mkdir()
+        for stem, suffix in (("cb", ".cbox"), ("po", ".pos")):
+            source, _ = files.source(stem, seed=2 if stem == "cb" else 3)
+            shutil.copyfile(source, files.micrographs / f"{stem}.mrc")
+            (inputs / "Picks" / f"{stem}{suffix}").write_bytes(garbage)
+        files.add("good", seed=4)
+
+        def paths() -> dict[str, dict[str, str]]:
+            found = {}
+            for record in (output / "quarantine").glob("*.json"):
+                content = json.loads(record.read_text())
+                found[content["path"]] = content
+            return found
+
+        wanted = {
+            str(files.micrographs / "a" / "dup.mrc"),
+            str(files.micrographs / "b" / "dup.mrc"),
+            str(inputs / "Picks" / "cb.cbox"),
+            str(inputs / "Picks" / "po.pos"),
+        }
+        wait_for(lambda: wanted <= set(paths()), 90, f"records of {sorted(wanted)}")
+        wait_for(lambda: committed_rows(output) == 2 * PARTICLES, 90, "same and good")
+        found = paths()
+        same = {p for p in found if p.endswith("same.mrc")}
+        assert len(same) == 1, sorted(found)  # the other same.mrc was processed
+        assert "same" in found[same.pop()]["reason"]
+        for name in ("cb.cbox", "po.pos"):
+            reason = found[str(inputs / "Picks" / name)]["reason"]
+            assert "not a text file" in reason, reason
+        assert service.alive(), service.output()
+        assert service.terminate() == 0, service.output()
+    finally:
+        if service.alive():
+            service.kill()
+    check_outputs(output, {"same": PARTICLES, "good": PARTICLES})
+    service.assert_no_leftovers()
+
+
+def test_a_start_up_os_error_names_the_file_that_failed_not_the_configuration(
+    tmp_path: Path,
+) -> None:
+    inputs = tmp_path / "inputs"
+    Inputs(inputs)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder's parent should be\n")
+    config = write_config(tmp_path, inputs, blocker / "output", ctf=False)
+    service = ServiceProcess(config, tmp_path / "log")
+    service.start()
+    assert service.process is not None
+    try:
+        assert service.process.wait(60) == 1
+    finally:
+        if service.alive():
+            service.kill()
+    lines = [line for line in service.output().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1, service.output()
+    assert str(blocker / "output") in lines[0], lines
+    assert str(config) not in lines[0], lines
+    assert "Traceback" not in service.output()
+
+
+def test_relative_paths_resolve_from_the_working_directory_as_the_readme_says(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "project"
+    files = Inputs(work / "inputs")
+    elsewhere = tmp_path / "configs"
+    elsewhere.mkdir()
+    config = write_config(elsewhere, Path("inputs"), Path("output"), ctf=False)
+    service = ServiceProcess(config, tmp_path / "log", cwd=work)
+    try:
+        service.start()
+        service.wait_running()
+        files.add("rel", seed=1)
+        wait_for(lambda: committed_rows(work / "output") == PARTICLES, 90, "the micrograph")
+        assert service.terminate() == 0, service.output()
+    finally:
+        if service.alive():
+            service.kill()
+    assert f"relative paths are taken from the working directory {work}" in service.output()
+    assert not (elsewhere / "output").exists()
+    check_outputs(work / "output", {"rel": PARTICLES})
+    star = (work / "output" / "particles.star").read_text()
+    assert "output/Particles/rel.mrcs" in star  # from the project folder (the working dir)
