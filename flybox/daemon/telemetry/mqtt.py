@@ -214,6 +214,14 @@ class MqttPublisher:
         current = self._status()
         offline = current.model_copy(update={"state": "offline", "event_id": uuid.uuid4().hex})
         self._will_counts = _counts(current)
+        if self._refreshing:
+            log.debug(
+                "MQTT: reconnecting with a last-will of the current counts (%d done, %d failed, "
+                "%d quarantined)",
+                current.counts.done,
+                current.counts.failed,
+                current.counts.quarantined,
+            )
         return aiomqtt.Client(
             config.host,
             config.port,
@@ -243,7 +251,6 @@ class MqttPublisher:
                 if not refresh:
                     return
                 self._refreshing = True  # a clean disconnect: the old will is discarded
-                log.debug("MQTT: reconnecting with a last-will of the current counts")
                 continue
             except* Exception as problem:
                 self._disconnected_now(problem)
