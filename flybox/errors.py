@@ -234,6 +234,11 @@ class WorkerLostError(TransientError):
         return (type(self), (self.problem,))
 
 
+class JobTimeoutError(WorkerLostError):
+    """A job gave no result within its timeout (``[executor] job_timeout_seconds``): its
+    worker was stopped and replaced (a read or write on a hung file system never returns)."""
+
+
 def config_errors(exc: Any, prefix: str = "", *, option_style: bool = False) -> list[ConfigError]:
     """The one translation of a pydantic ``ValidationError`` into :class:`ConfigError` s with
     key paths (configuration files, chain steps and command-line options alike).

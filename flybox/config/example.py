@@ -16,6 +16,7 @@ name = "krios1-2026-11-21"                       # letters, digits, . _ -
 output = "/data/flybox/krios1-2026-11-21"        # OUTPUT folder
 # project_dir = "/data/krios1"   # RELION project folder: STAR paths are relative to it
 #                                # (default: the working directory at start)
+# stall_seconds = 120             # a loop without progress this long: /healthz answers 503
 
 [watch]
 micrographs = ["/data/krios1/MotionCorr/**/*.mrc"]           # globs; ** = any folders
@@ -76,6 +77,7 @@ workers = 2                # local worker processes
 # address = "tcp://scheduler:8786"   # a Dask scheduler (not available in this version)
 drain_seconds = 30         # on SIGTERM, in-flight micrographs get this long to finish
 max_attempts = 3           # tries per micrograph when a worker dies or I/O fails
+job_timeout_seconds = 600  # per 256 MiB of micrograph: a hung job's worker is replaced
 
 [mqtt]                     # remove this section for no MQTT
 host = "127.0.0.1"

@@ -68,6 +68,10 @@ class SessionConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output: Path
     project_dir: Path | None = None
+    #: A loop of the service (journal/commit, work; intake: at least twice its 60 s read
+    #: timeout) that makes no progress for this long is reported stalled: status ``health``,
+    #: ``/healthz`` answers 503 naming it.
+    stall_seconds: float = Field(default=120.0, ge=1, le=86400, allow_inf_nan=False)
 
     def project_folder(self) -> Path:
         """The project folder, absolute (``project_dir``, else the working directory)."""
@@ -123,8 +127,13 @@ class ExecutorConfig(_Section):
     #: On SIGTERM/SIGINT, in-flight micrographs get this long to finish; the rest are handed
     #: back to the journal (queued) for the next start.
     drain_seconds: float = Field(default=30.0, ge=0)
-    #: Attempts per micrograph before it is marked failed (worker crashes, I/O errors).
+    #: Attempts per micrograph before it is marked failed (worker crashes, I/O errors,
+    #: timeouts).
     max_attempts: int = Field(default=3, ge=1)
+    #: A job that has not finished after this long (per 256 MiB of micrograph, at least once)
+    #: is abandoned: its worker is stopped and replaced, and the attempt counts as failed (a
+    #: micrograph on a hung mount must not hold a worker forever).
+    job_timeout_seconds: float = Field(default=600.0, ge=1, le=86400, allow_inf_nan=False)
 
     @field_validator("address")
     @classmethod

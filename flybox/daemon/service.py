@@ -79,9 +79,7 @@ log = logging.getLogger(__name__)
 STATUS_SECONDS = 5.0
 #: Failure codes whose units a restart queues again (the cause may be gone: a full disk,
 #: a crash, a fixed bug); ``processing`` failures are deterministic and stay failed.
-RETRIED_AT_START = ("worker_crash", "io_error", "internal")
-#: A journal call (the commits' thread) that has not returned after this long is a stall.
-JOURNAL_STALL_SECONDS = 120.0
+RETRIED_AT_START = ("worker_crash", "job_timeout", "io_error", "internal")
 
 
 def check_settings(journal: Journal, digest: str, description: str, output: Path) -> None:
@@ -209,7 +207,7 @@ class Service:
         self.patterns = patterns
         self.matched = PatternMatches(patterns)
         check_output_outside_watch(self.output_dir, patterns)
-        self.heartbeats = Heartbeats()
+        self.heartbeats = Heartbeats(config.session.stall_seconds)
         self._lock = OutputLock(self.output_dir)
         self.journal = JournalThread(self.output_dir / ".flybox" / "journal.sqlite")
         self._ready = ReadyQueue()
@@ -447,8 +445,22 @@ class Service:
     # ----------------------------------------------------------------------------- loops
     async def _status_loop(self) -> None:
         last = time.monotonic()
+        stalled: set[str] = set()
         while True:
             await asyncio.sleep(1.0)
+            now_stalled = self.heartbeats.stalled()
+            for name in sorted(now_stalled.keys() - stalled):
+                log.error(
+                    "%s: the %s loop has made no progress for %.0f s (/healthz answers 503)",
+                    self.session,
+                    name,
+                    now_stalled[name],
+                )
+            for name in sorted(stalled - now_stalled.keys()):
+                log.info("%s: the %s loop makes progress again", self.session, name)
+            if now_stalled.keys() != stalled:
+                stalled = set(now_stalled)
+                self.shared.mark_dirty()
             if self.shared.status_dirty or time.monotonic() - last >= STATUS_SECONDS:
                 last = time.monotonic()
                 self.emit_status()
@@ -456,7 +468,7 @@ class Service:
     async def _journal_beat_loop(self) -> None:
         """The journal thread runs every commit: a no-op through it each second shows that
         commits are not stuck (a hung file system shows as a stalled ``journal`` loop)."""
-        self.heartbeats.register("journal", JOURNAL_STALL_SECONDS)
+        self.heartbeats.register("journal")  # [session] stall_seconds
         try:
             while True:
                 await self.journal.call(lambda: None)

@@ -154,13 +154,16 @@ class Heartbeats:
     seconds is stuck (a read that never returns, a hung file system).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stall_seconds: float = 120.0) -> None:
+        #: A loop is stalled after this long without a beat (unless it registers its own).
+        self.stall_seconds = stall_seconds
         self._last: dict[str, float] = {}
         self._limits: dict[str, float] = {}
 
-    def register(self, name: str, stall_after: float) -> None:
-        """Start watching a loop (counts as a beat now)."""
-        self._limits[name] = stall_after
+    def register(self, name: str, stall_after: float | None = None) -> None:
+        """Start watching a loop (counts as a beat now); stalled after ``stall_after``
+        seconds without a beat (default :attr:`stall_seconds`)."""
+        self._limits[name] = self.stall_seconds if stall_after is None else stall_after
         self._last[name] = time.monotonic()
 
     def unregister(self, name: str) -> None:

@@ -310,6 +310,8 @@ class FlyboxRun:
     extra: dict[str, Any] = field(default_factory=dict)
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    #: ``flybox -v run``: debug lines in the log.
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         self.inputs = self.folder / "in"
@@ -346,7 +348,15 @@ class FlyboxRun:
         """Start the service and wait until its HTTP server answers."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "flybox", "run", "-c", str(self.config)],
+                [
+                    sys.executable,
+                    "-m",
+                    "flybox",
+                    *(["-v"] if self.verbose else []),
+                    "run",
+                    "-c",
+                    str(self.config),
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -103,8 +103,10 @@ class ServiceProcess:
         log: Path,
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.config = config
+        self.cwd = cwd
         self.prefix = prefix or []
         self.log = log
         self.tag = uuid.uuid4().hex
@@ -120,6 +122,7 @@ class ServiceProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
+                cwd=self.cwd,
             )
 
     def kill(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -128,13 +129,39 @@ def _config(**watch: object) -> dict[str, object]:
         ("mqtt", {"topic_prefix": "site/#"}, "topic_prefix"),
         ("mqtt", {"topic_prefix": "site/+/x"}, "topic_prefix"),
         ("executor", {"workers": 512}, "workers"),
+        ("executor", {"job_timeout_seconds": float("inf")}, "job_timeout_seconds"),
+        ("executor", {"job_timeout_seconds": 0.01}, "job_timeout_seconds"),
+        ("session", {"stall_seconds": 0}, "stall_seconds"),
     ],
 )
 def test_odd_settings_are_refused(section: str, values: dict[str, object], key: str) -> None:
     data = _config()
     if section == "watch":
         data = _config(**values)
+    elif section == "session":
+        data[section] = {**data[section], **values}
     else:
         data[section] = values
     with pytest.raises((ConfigError, ValueError), match=key):
         FlyboxConfig.model_validate(data)
+
+
+def test_thousands_of_parser_warnings_on_one_file_make_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import warnings
+
+    from flybox.daemon.intake.reading import _summarise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for row in range(5000):  # as pandas gives one per bad row
+            warnings.warn(f"row {row}: value out of range", RuntimeWarning, stacklevel=1)
+    with caplog.at_level(logging.WARNING, logger="flybox.daemon.intake.reading"):
+        _summarise("/in/bad\nname.star", caught)
+    assert len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    assert line == (
+        "/in/bad\\nname.star: 5000 warning(s) while parsing, first: RuntimeWarning: "
+        "row 0: value out of range"
+    )

@@ -45,6 +45,8 @@ class MicrographInput:
     path: str
     fingerprint: str
     complete_at: float
+    #: Its size in bytes (the job timeout grows with it).
+    size: int = 0
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ T = TypeVar("T")
 READ_TIMEOUT_SECONDS = 60.0
 #: After a full disk stopped intake from journaling a file, look at it again this much later.
 DISK_RETRY_SECONDS = 5.0
-#: The intake loop is stalled when it has not come round for this long.
+#: The intake loop is stalled when it has not come round for this long (at least; or
+#: ``[session] stall_seconds``): one read may take up to the read timeout.
 STALL_SECONDS = 2 * READ_TIMEOUT_SECONDS
 
 
@@ -255,7 +256,7 @@ class Intake:
         """Look at files that are not decided yet, and report overdue pairs (until cancelled)."""
         interval = min(0.25, max(0.05, self.watch.settle_seconds / 4))
         overdue_checked = 0.0
-        self.heartbeats.register("intake", STALL_SECONDS)
+        self.heartbeats.register("intake", max(STALL_SECONDS, self.heartbeats.stall_seconds))
         while True:
             self.heartbeats.beat("intake")
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
@@ -483,7 +484,9 @@ class Intake:
                 return
         await self._accepted(state, fingerprint)
         try:
-            stem = self.pairing.set_micrograph(MicrographInput(state.path, fingerprint, now))
+            stem = self.pairing.set_micrograph(
+                MicrographInput(state.path, fingerprint, now, state.signature.size)
+            )
         except DuplicateStemError as exc:
             await self.quarantine(state.path, state.kind, exc.problem, "duplicate_name")
             return

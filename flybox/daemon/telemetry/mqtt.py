@@ -3,8 +3,11 @@
 Topics under the prefix (``[mqtt] topic_prefix``, default ``flybox/<session name>``):
 
 - ``PREFIX/status``: :class:`~flybox.daemon.telemetry.events.StatusEvent`, retained; the
-last-will is
-  a retained status with state ``offline``;
+  last-will is a retained status with state ``offline`` and the counts of the last
+  (re)connection. The broker fixes a will at connection time, so when the counts change the
+  publisher reconnects (a clean disconnect discards the old will) with a fresh one, at most
+  once per ``status_seconds`` and always once the service is idle: after a SIGKILL the
+  retained ``offline`` status carries the last counts, not those of the first connection;
 - ``PREFIX/micrographs/<name>``: one :class:`~flybox.daemon.telemetry.events.MicrographEvent` per
   committed micrograph;
 - ``PREFIX/events``: quarantines, failures, missing inputs, quality alerts, output sets.
@@ -98,6 +101,10 @@ class MqttPublisher:
         self._status_message: _Message | None = None
         self._in_flight: _Message | None = None
         self._last_status_content: str | None = None
+        #: The counts in the broker's last-will, and when that connection was made.
+        self._will_counts: str | None = None
+        self._connected_at = 0.0
+        self._refreshing = False
         self._wakeup = asyncio.Event()
         self._closing = asyncio.Event()
         self._stack: contextlib.AsyncExitStack | None = None
@@ -204,9 +211,17 @@ class MqttPublisher:
                 keyfile=None if config.tls_key is None else str(config.tls_key),
             )
         password = None if config.password is None else config.password.get_secret_value()
-        offline = self._status().model_copy(
-            update={"state": "offline", "event_id": uuid.uuid4().hex}
-        )
+        current = self._status()
+        offline = current.model_copy(update={"state": "offline", "event_id": uuid.uuid4().hex})
+        self._will_counts = _counts(current)
+        if self._refreshing:
+            log.debug(
+                "MQTT: reconnecting with a last-will of the current counts (%d done, %d failed, "
+                "%d quarantined)",
+                current.counts.done,
+                current.counts.failed,
+                current.counts.quarantined,
+            )
         return aiomqtt.Client(
             config.host,
             config.port,
@@ -231,9 +246,12 @@ class MqttPublisher:
                     delay = _FIRST_RETRY_SECONDS
                     async with asyncio.TaskGroup() as group:
                         watcher = group.create_task(self._watch(client), name="mqtt-watch")
-                        await self._drain(client)
+                        refresh = await self._drain(client)
                         watcher.cancel()
-                return
+                if not refresh:
+                    return
+                self._refreshing = True  # a clean disconnect: the old will is discarded
+                continue
             except* Exception as problem:
                 self._disconnected_now(problem)
             with contextlib.suppress(TimeoutError):
@@ -242,9 +260,12 @@ class MqttPublisher:
 
     def _connected_now(self) -> None:
         self._connected = True
+        self._connected_at = time.monotonic()
         self._on_connect()
         where = f"{self._config.host}:{self._config.port}"
-        if self._outage_since is None:
+        if self._refreshing:
+            self._refreshing = False
+        elif self._outage_since is None:
             log.info("MQTT connected to %s, publishing under %s/", where, self.prefix)
         else:
             log.info(
@@ -296,14 +317,30 @@ class MqttPublisher:
                 self._in_flight = self._outbox.popleft()
         return self._in_flight
 
-    async def _drain(self, client: aiomqtt.Client) -> None:
-        """Deliver queued messages in order; return once closing with nothing left."""
+    def _will_stale(self) -> bool:
+        try:
+            return _counts(self._status()) != self._will_counts
+        except Exception:
+            return False
+
+    async def _drain(self, client: aiomqtt.Client) -> bool:
+        """Deliver queued messages in order; return ``False`` once closing with nothing
+        left, ``True`` when the last-will should be refreshed (nothing is left to send, the
+        counts changed since the connection, and that was at least ``status_seconds`` ago)."""
         while True:
             message = self._next()
             if message is None:
                 if self._closing.is_set():
-                    return
+                    return False
                 self._wakeup.clear()
+                if self._will_stale():
+                    due = self._connected_at + self._config.status_seconds - time.monotonic()
+                    if due <= 0:
+                        return True
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(due):
+                            await self._wakeup.wait()
+                    continue
                 await self._wakeup.wait()
                 continue
             await client.publish(message.topic, message.payload, qos=1, retain=message.retain)
@@ -315,6 +352,11 @@ class MqttPublisher:
 def _status_content(status: StatusEvent) -> str:
     """A status without its identity, to tell whether anything changed."""
     return status.model_dump_json(exclude={"event_id", "time"})
+
+
+def _counts(status: StatusEvent) -> str:
+    """What the last-will must carry up to date: the micrograph and particle counts."""
+    return status.counts.model_dump_json() + repr(sorted(status.particles.items()))
 
 
 def _describe(problem: BaseException) -> str:

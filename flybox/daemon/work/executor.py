@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as futures
+import contextlib
 import logging
 from types import TracebackType
 from typing import Protocol
@@ -68,6 +69,10 @@ class LocalExecutor:
         self._workers = workers
         self._pool: futures.ProcessPoolExecutor | None = None
         self._generation = 0
+        #: Jobs in flight: their result future → (the job, its future in the current pool).
+        self._jobs: dict[
+            asyncio.Future[JobResult], tuple[MicrographJob, futures.Future[JobResult]]
+        ] = {}
 
     @property
     def workers(self) -> int:
@@ -107,22 +112,36 @@ class LocalExecutor:
         """Run ``job`` in a worker."""
         if self._pool is None:
             raise RuntimeError("the executor is not started")
+        outer: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        self._start(job, outer)
+
+        def forget(done: asyncio.Future[JobResult]) -> None:
+            entry = self._jobs.pop(done, None)
+            if entry is not None and done.cancelled():
+                entry[1].cancel()
+
+        outer.add_done_callback(forget)
+        return outer
+
+    def _start(self, job: MicrographJob, outer: asyncio.Future[JobResult]) -> None:
+        assert self._pool is not None
         try:
             submitted = self._pool.submit(run_job, job)
         except futures.process.BrokenProcessPool:  # broken by an earlier job: not this one's fault
             self._replace_broken(self._generation)
             submitted = self._pool.submit(run_job, job)
         generation = self._generation
+        self._jobs[outer] = (job, submitted)
         inner = asyncio.wrap_future(submitted)
-        outer: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
 
         def settle(done: asyncio.Future[JobResult]) -> None:
-            if outer.done():
-                return
+            error = None if done.cancelled() else done.exception()  # retrieved in every case
+            current = self._jobs.get(outer)
+            if outer.done() or current is None or current[1] is not submitted:
+                return  # abandoned, or running again on a new pool
             if done.cancelled():
                 outer.cancel()
                 return
-            error = done.exception()
             if isinstance(error, futures.process.BrokenProcessPool):
                 self._replace_broken(generation)
                 outer.set_exception(WorkerLostError(f"worker process died: {error}"))
@@ -132,8 +151,29 @@ class LocalExecutor:
                 outer.set_result(done.result())
 
         inner.add_done_callback(settle)
-        outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
-        return outer
+
+    def abandon(self, future: asyncio.Future[JobResult]) -> None:
+        """Give up a job that does not finish (a read or write on a hung file system): stop
+        every worker of the pool (a process pool cannot stop one job) and start new ones; the
+        other jobs in flight run again on the new workers, transparently. A worker stuck in
+        the kernel ends when its system call returns."""
+        self._jobs.pop(future, None)
+        if not future.done():
+            future.cancel()
+        if self._pool is None:
+            return
+        old = self._pool
+        processes = list(getattr(old, "_processes", {}).values())
+        self._pool = self._new_pool()
+        self._generation += 1
+        for process in processes:
+            with contextlib.suppress(OSError, ValueError):
+                process.kill()
+        old.shutdown(wait=False, cancel_futures=True)
+        log.warning("stopped %d workers (a job did not finish); starting new ones", len(processes))
+        for other, (job, _) in list(self._jobs.items()):
+            if not other.done():
+                self._start(job, other)
 
     def _replace_broken(self, generation: int) -> None:
         """A worker died: the pool is unusable; start a new one (once per breakage)."""

@@ -45,6 +45,7 @@ from types import TracebackType
 from flybox.config import FlyboxConfig
 from flybox.daemon.intake.complete import InputKind
 from flybox.daemon.intake.pairing import AUTOPICK, Pair
+from flybox.daemon.intake.quarantine import shown
 from flybox.daemon.state import Heartbeats, JournalThread, SessionState, StemState, is_disk_full
 from flybox.daemon.telemetry.events import (
     AlertEvent,
@@ -62,6 +63,7 @@ from flybox.daemon.work.journal import UnitRecord
 from flybox.errors import (
     FlyboxError,
     InputError,
+    JobTimeoutError,
     ProcessingError,
     TransientIOError,
     WorkerLostError,
@@ -80,6 +82,8 @@ log = logging.getLogger(__name__)
 SPACE_PROBE_SECONDS = (1.0, 30.0)
 #: Bytes the probe writes (and removes) in the output folder.
 SPACE_PROBE_BYTES = 1 << 20
+#: ``[executor] job_timeout_seconds`` is the timeout per this many bytes of micrograph.
+JOB_TIMEOUT_BYTES = 256 << 20
 
 
 def _finite(value: float | None) -> float | None:
@@ -258,11 +262,12 @@ class UnitRunner:
 
     async def _schedule_loop(self) -> None:
         """Submit ready units while fewer than :attr:`limit` are in flight."""
-        self.heartbeats.register("work", 60.0)
+        self.heartbeats.register("work")  # [session] stall_seconds
+        idle = min(5.0, self.heartbeats.stall_seconds / 4)
         while True:
             self.heartbeats.beat("work")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):  # an idle loop beats too
+                async with asyncio.timeout(idle):  # an idle loop beats too
                     await self._ready.changed()
             while self._ready and len(self._running) < self.limit and not self._disk.full:
                 stem = self._ready.pop()
@@ -337,7 +342,7 @@ class UnitRunner:
         try:
             try:
                 await journal.call(journal.journal.set_state, unit.id, "running", attempt=True)
-                result = await self.executor.submit(self._job(pair, group, running))
+                result = await self._submit(self._job(pair, group, running), pair)
             except asyncio.CancelledError:
                 if entry.unit is running:
                     entry.unit = replace(running, state="queued")
@@ -386,6 +391,39 @@ class UnitRunner:
         finally:
             self._running.pop(unit.id, None)
             self._ready.wake()
+
+    def job_timeout(self, pair: Pair) -> float:
+        """Seconds a job may take: ``[executor] job_timeout_seconds`` per 256 MiB of
+        micrograph, at least once."""
+        scale = max(1.0, pair.micrograph.size / JOB_TIMEOUT_BYTES)
+        return self.config.executor.job_timeout_seconds * scale
+
+    async def _submit(self, job: MicrographJob, pair: Pair) -> JobResult:
+        """Run ``job``; past its timeout, abandon it (the executor stops and replaces its
+        worker) and raise :class:`~flybox.errors.JobTimeoutError`."""
+        future = self.executor.submit(job)
+        limit = self.job_timeout(pair)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=limit)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        if not done:
+            log.warning(
+                "%s: no result after %.0f s (job_timeout_seconds); its worker is stopped and "
+                "replaced",
+                shown(pair.micrograph.path),
+                limit,
+            )
+            abandon = getattr(self.executor, "abandon", None)
+            if abandon is not None:
+                abandon(future)
+            else:
+                future.cancel()
+            raise JobTimeoutError(
+                f"no result within {limit:.0f} s (job_timeout_seconds); worker replaced"
+            )
+        return future.result()
 
     def _committed(
         self,
@@ -565,7 +603,9 @@ class UnitRunner:
                 entry.unit = replace(unit, state="quarantined")
                 self._state.set_phase(unit.stem, "quarantined")
             return
-        if isinstance(error, WorkerLostError):
+        if isinstance(error, JobTimeoutError):
+            code, reason = "job_timeout", str(error)
+        elif isinstance(error, WorkerLostError):
             code, reason = "worker_crash", str(error)
         elif isinstance(error, TransientIOError):
             code, reason = "io_error", error.problem
@@ -574,7 +614,7 @@ class UnitRunner:
         else:
             code, reason = "internal", f"{type(error).__name__}: {error}"
             log.error("%s: internal error", pair.micrograph.path, exc_info=error)
-        retry = code in ("worker_crash", "io_error")
+        retry = code in ("worker_crash", "job_timeout", "io_error")
         if retry and unit.attempts < self.config.executor.max_attempts:
             log.warning(
                 "%s: attempt %d failed (%s); trying again",
