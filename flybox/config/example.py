@@ -73,7 +73,9 @@ float16 = false            # true: MRC mode 12 with RELION's float16 rules
 
 [executor]
 workers = 2                # local worker processes
-# address = "tcp://scheduler:8786"   # a Dask scheduler (not available in this version)
+# address = "tcp://scheduler:8786"   # run on a Dask cluster (pip install 'flybox[dask]'),
+#                                    # or "local": `workers` Dask processes here; see
+#                                    # docs/scaling.md
 drain_seconds = 30         # on SIGTERM, in-flight micrographs get this long to finish
 max_attempts = 3           # tries per micrograph when a worker dies or I/O fails
 
