@@ -3,16 +3,18 @@
 (a) Batch: ``flybox extract`` of N synthetic micrographs (default 16 × 2048², 200 particles,
     the 256-px set and the 64-px small set) with ``--workers 2`` (local pool) and with
     ``--dask tcp://127.0.0.1:PORT`` (a ``dask scheduler`` and two ``dask worker --nthreads 1``
-    processes, all on loopback, started before the clock). Alternating rounds.
+    processes, all on loopback, started before the clock). Interleaved rounds; the Dask
+    client's start (connect, version check; overlapping the planning) reported on its own.
 (b) Stream: the service (``flybox run``, a subprocess, the test suite's two-stream chain) takes
-    a burst of N micrographs written by the simulator, once with the local pool and once with
-    ``[executor] address`` on the same Dask cluster; wall time from the first file to the last
-    commit, and the per-micrograph latency (file complete → committed, from the service's
-    log) p50/p95.
+    a burst of N micrographs written by the simulator, with the local pool and with
+    ``[executor] address`` on the same Dask cluster, interleaved rounds; wall time from the
+    first file to the last commit, and the per-micrograph latency (file complete → committed,
+    from the service's log) p50/p95.
 
-Reported per mode: throughput (micrographs/s), the ratio Dask / local (target ≥ 0.9), the
-per-micrograph scheduling overhead ((Dask wall − local wall) / N), and for the stream the
-latency p50/p95. Outputs of the two batch runs are compared byte for byte.
+Reported per mode, medians over ``--repeat`` rounds: throughput (micrographs/s), the ratio
+Dask / local (target ≥ 0.9), the per-micrograph scheduling overhead ((Dask wall − local wall)
+/ N), and for the stream the latency p50/p95. Outputs of the two batch runs are compared byte
+for byte. The machine may be shared: compare ratios from one run, not across runs.
 
 Usage::
 
@@ -151,12 +153,24 @@ def main() -> None:
                 + " s"
             )
             if not args.skip_stream:
-                w_local, l_local = stream(root / "stream-local", args, None)
-                w_dask, l_dask = stream(root / "stream-dask", args, cluster.address)
-                print(f"stream  burst of {n} micrographs through `flybox run`")
+                walls: dict[str, list[float]] = {"local": [], "dask": []}
+                latencies: dict[str, list[float]] = {"local": [], "dask": []}
+                for round_ in range(args.repeat):  # interleaved, as the batch
+                    for mode, address in (("local", None), ("dask", cluster.address)):
+                        wall, lat = stream(root / f"stream-{mode}{round_}", args, address)
+                        walls[mode].append(wall)
+                        latencies[mode] += lat
+                w_local, w_dask = (
+                    statistics.median(walls["local"]),
+                    statistics.median(walls["dask"]),
+                )
+                print(
+                    f"stream  burst of {n} micrographs through `flybox run`; median of "
+                    f"{args.repeat} (latencies pooled)"
+                )
                 for label, wall, lat in (
-                    ("local pool", w_local, l_local),
-                    ("dask      ", w_dask, l_dask),
+                    ("local pool", w_local, latencies["local"]),
+                    ("dask      ", w_dask, latencies["dask"]),
                 ):
                     print(
                         f"  {label}: {wall:6.2f} s  {n / wall:6.2f} mic/s  latency p50 "
@@ -165,6 +179,13 @@ def main() -> None:
                 print(
                     f"  throughput ratio dask/local: {w_local / w_dask:.2f} (target ≥ 0.9); "
                     f"scheduling overhead {(w_dask - w_local) / n * 1000:+.0f} ms/micrograph"
+                )
+                print(
+                    "  runs local "
+                    + " ".join(f"{t:.2f}" for t in walls["local"])
+                    + " s, dask "
+                    + " ".join(f"{t:.2f}" for t in walls["dask"])
+                    + " s"
                 )
         finally:
             cluster.close()
