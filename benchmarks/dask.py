@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,6 +121,8 @@ def main() -> None:
             )
             batch(star, folder, root / "warm-local", [])  # untimed: page cache, FFTW wisdom
             batch(star, folder, root / "warm-dask", ["--dask", cluster.address])
+            shutil.rmtree(root / "warm-local")
+            shutil.rmtree(root / "warm-dask")
             local, dask, client = [], [], []
             for round_ in range(args.repeat):  # interleaved: the machine's load hits both
                 local.append(batch(star, folder, root / f"local{round_}", [])[0])
@@ -128,6 +131,9 @@ def main() -> None:
                 )
                 dask.append(wall)
                 client.append(started)
+                if round_ > 0:  # a batch's stacks take ~1 GB: keep the first round's only
+                    shutil.rmtree(root / f"local{round_}")
+                    shutil.rmtree(root / f"dask{round_}")
             for stack in sorted((root / "local0").rglob("*.mrcs")):
                 twin = root / "dask0" / stack.relative_to(root / "local0")
                 assert stack.read_bytes() == twin.read_bytes(), stack
@@ -158,6 +164,7 @@ def main() -> None:
                 for round_ in range(args.repeat):  # interleaved, as the batch
                     for mode, address in (("local", None), ("dask", cluster.address)):
                         wall, lat = stream(root / f"stream-{mode}{round_}", args, address)
+                        shutil.rmtree(root / f"stream-{mode}{round_}")
                         walls[mode].append(wall)
                         latencies[mode] += lat
                 w_local, w_dask = (

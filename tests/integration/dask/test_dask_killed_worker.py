@@ -171,3 +171,4 @@ def test_killed_worker_is_a_failed_attempt_then_the_unit_fails_and_the_session_g
         if service.alive():
             service.kill()
         cluster.close()
+        (inputs / "Micrographs" / "huge.mrc").unlink(missing_ok=True)  # 600 MB of disk
