@@ -3,27 +3,30 @@
 (a) Batch: ``flybox extract`` of N synthetic micrographs (default 16 × 2048², 200 particles,
     the 256-px set and the 64-px small set) with ``--workers 2`` (local pool) and with
     ``--dask tcp://127.0.0.1:PORT`` (a ``dask scheduler`` and two ``dask worker --nthreads 1``
-    processes, all on loopback, started before the clock). Alternating rounds.
+    processes, all on loopback, started before the clock). Interleaved rounds; the Dask
+    client's start (connect, version check; overlapping the planning) reported on its own.
 (b) Stream: the service (``flybox run``, a subprocess, the test suite's two-stream chain) takes
-    a burst of N micrographs written by the simulator, once with the local pool and once with
-    ``[executor] address`` on the same Dask cluster; wall time from the first file to the last
-    commit, and the per-micrograph latency (file complete → committed, from the service's
-    log) p50/p95.
+    a burst of N micrographs written by the simulator, with the local pool and with
+    ``[executor] address`` on the same Dask cluster, interleaved rounds; wall time from the
+    first file to the last commit, and the per-micrograph latency (file complete → committed,
+    from the service's log) p50/p95.
 
-Reported per mode: throughput (micrographs/s), the ratio Dask / local (target ≥ 0.9), the
-per-micrograph scheduling overhead ((Dask wall − local wall) / N), and for the stream the
-latency p50/p95. Outputs of the two batch runs are compared byte for byte.
+Reported per mode, medians over ``--repeat`` rounds: throughput (micrographs/s), the ratio
+Dask / local (target ≥ 0.9), the per-micrograph scheduling overhead ((Dask wall − local wall)
+/ N), and for the stream the latency p50/p95. Outputs of the two batch runs are compared byte
+for byte. The machine may be shared: compare ratios from one run, not across runs.
 
 Usage::
 
     python benchmarks/dask.py [--micrographs 16] [--size 2048] [--particles 200]
-        [--repeat 2] [--skip-stream]
+        [--repeat 5] [--skip-stream]
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,15 +45,19 @@ from tests.helpers.service import ServiceProcess, committed_rows, write_config  
 CHAIN = ["--box", "256", "--fcrop-small", "64"]
 
 
-def batch(star: Path, folder: Path, output: Path, extra: list[str]) -> float:
+def batch(star: Path, folder: Path, output: Path, extra: list[str]) -> tuple[float, float]:
+    """Wall time of one ``flybox extract`` command, and (Dask) how long its client took to
+    start (connect and check the workers; overlapping the planning), from its log."""
     command = [
         sys.executable, "-m", "flybox", "extract", "--micrographs", str(star),
         "--coords", str(folder / "AutoPick"), "--coord-suffix", "_autopick.star", *CHAIN,
         "--no-progress", "--workers", "2", "-o", str(output), *extra,
     ]  # fmt: skip
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - started
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    client = re.search(r"client started in ([0-9.]+) s", done.stderr)
+    return wall, float(client.group(1)) if client else 0.0
 
 
 def stream(root: Path, args: argparse.Namespace, address: str | None) -> tuple[float, list[float]]:
@@ -96,7 +103,7 @@ def main() -> None:
     parser.add_argument("--micrographs", type=int, default=16)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--particles", type=int, default=200)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-stream", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flybox-dask-bench-") as tmp:
@@ -114,12 +121,19 @@ def main() -> None:
             )
             batch(star, folder, root / "warm-local", [])  # untimed: page cache, FFTW wisdom
             batch(star, folder, root / "warm-dask", ["--dask", cluster.address])
-            local, dask = [], []
-            for round_ in range(args.repeat):
-                local.append(batch(star, folder, root / f"local{round_}", []))
-                dask.append(
-                    batch(star, folder, root / f"dask{round_}", ["--dask", cluster.address])
+            shutil.rmtree(root / "warm-local")
+            shutil.rmtree(root / "warm-dask")
+            local, dask, client = [], [], []
+            for round_ in range(args.repeat):  # interleaved: the machine's load hits both
+                local.append(batch(star, folder, root / f"local{round_}", [])[0])
+                wall, started = batch(
+                    star, folder, root / f"dask{round_}", ["--dask", cluster.address]
                 )
+                dask.append(wall)
+                client.append(started)
+                if round_ > 0:  # a batch's stacks take ~1 GB: keep the first round's only
+                    shutil.rmtree(root / f"local{round_}")
+                    shutil.rmtree(root / f"dask{round_}")
             for stack in sorted((root / "local0").rglob("*.mrcs")):
                 twin = root / "dask0" / stack.relative_to(root / "local0")
                 assert stack.read_bytes() == twin.read_bytes(), stack
@@ -136,13 +150,34 @@ def main() -> None:
                 f"scheduling overhead {(t_dask - t_local) / n * 1000:+.0f} ms/micrograph; "
                 "stacks byte-identical"
             )
+            print(
+                f"  dask client start (connect + version check, overlapping the planning): "
+                f"median {statistics.median(client) * 1000:.0f} ms; runs local "
+                + " ".join(f"{t:.2f}" for t in local)
+                + " s, dask "
+                + " ".join(f"{t:.2f}" for t in dask)
+                + " s"
+            )
             if not args.skip_stream:
-                w_local, l_local = stream(root / "stream-local", args, None)
-                w_dask, l_dask = stream(root / "stream-dask", args, cluster.address)
-                print(f"stream  burst of {n} micrographs through `flybox run`")
+                walls: dict[str, list[float]] = {"local": [], "dask": []}
+                latencies: dict[str, list[float]] = {"local": [], "dask": []}
+                for round_ in range(args.repeat):  # interleaved, as the batch
+                    for mode, address in (("local", None), ("dask", cluster.address)):
+                        wall, lat = stream(root / f"stream-{mode}{round_}", args, address)
+                        shutil.rmtree(root / f"stream-{mode}{round_}")
+                        walls[mode].append(wall)
+                        latencies[mode] += lat
+                w_local, w_dask = (
+                    statistics.median(walls["local"]),
+                    statistics.median(walls["dask"]),
+                )
+                print(
+                    f"stream  burst of {n} micrographs through `flybox run`; median of "
+                    f"{args.repeat} (latencies pooled)"
+                )
                 for label, wall, lat in (
-                    ("local pool", w_local, l_local),
-                    ("dask      ", w_dask, l_dask),
+                    ("local pool", w_local, latencies["local"]),
+                    ("dask      ", w_dask, latencies["dask"]),
                 ):
                     print(
                         f"  {label}: {wall:6.2f} s  {n / wall:6.2f} mic/s  latency p50 "
@@ -151,6 +186,13 @@ def main() -> None:
                 print(
                     f"  throughput ratio dask/local: {w_local / w_dask:.2f} (target ≥ 0.9); "
                     f"scheduling overhead {(w_dask - w_local) / n * 1000:+.0f} ms/micrograph"
+                )
+                print(
+                    "  runs local "
+                    + " ".join(f"{t:.2f}" for t in walls["local"])
+                    + " s, dask "
+                    + " ".join(f"{t:.2f}" for t in walls["dask"])
+                    + " s"
                 )
         finally:
             cluster.close()

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
 
@@ -37,6 +37,9 @@ from flybox.pipeline.layout import ParticleSet, project_folder
 from flybox.pipeline.matching import match_name, micrograph_stem
 from flybox.pipeline.workers import worker_pool
 from flybox.processors.coordinates import recenter_picks
+
+if TYPE_CHECKING:
+    from flybox.pipeline.dask import DaskBatch
 
 __all__ = ["ExtractPlan", "ExtractRequest", "ExtractSummary", "plan_extraction", "run_extraction"]
 
@@ -321,7 +324,7 @@ def run_extraction(
     workers: int = 2,
     progress: bool = True,
     pool: futures.ProcessPoolExecutor | None = None,
-    dask: str | None = None,
+    dask: str | DaskBatch | None = None,
 ) -> ExtractSummary:
     """Run a planned batch, commit outputs, write every stream's STAR file, summarise.
 
@@ -338,7 +341,9 @@ def run_extraction(
         batch was planned); it is shut down at the end. Default: one is made here when it pays.
     dask
         A Dask scheduler address, or ``"local"`` (``workers`` processes here), to run the jobs
-        on (:func:`flybox.pipeline.dask.run_on_dask`) instead of the local pool.
+        on (:func:`flybox.pipeline.dask.run_on_dask`) instead of the local pool; or a
+        :class:`~flybox.pipeline.dask.DaskBatch` started earlier (e.g. while the batch was
+        planned), closed at the end.
     """
     from tqdm import tqdm
 
@@ -357,10 +362,12 @@ def run_extraction(
     warnings = JobWarnings()
     commits: list[futures.Future[None]] = []
     try:
-        if dask is not None:
+        if isinstance(dask, str):
             from flybox.pipeline.dask import run_on_dask
 
             outcomes = run_on_dask(plan.jobs, dask, workers)
+        elif dask is not None:
+            outcomes = dask.run(plan.jobs)
         else:
             outcomes = execute(plan.jobs, pool, workers)
         for index, outcome in outcomes:
@@ -388,6 +395,8 @@ def run_extraction(
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if dask is not None and not isinstance(dask, str):
+            dask.close()
     sets = {stream: ParticleSet(plan.output_dir, stream) for stream in plan.streams}
     boxes = dict(plan.streams)
     pixel_sizes: dict[str, dict[int, float]] = {}

@@ -410,6 +410,13 @@ def run(args: argparse.Namespace) -> int:
     # imported and validated (they inherit them), they warm their kernels up meanwhile.
     chain_for(chain)
     pool = worker_pool(args.workers) if args.workers > 1 and args.dask is None else None
+    dask = None
+    if args.dask is not None:
+        from flybox.pipeline.dask import DaskBatch
+
+        # Likewise the Dask client connects and checks the workers while the batch is planned.
+        dask = DaskBatch(args.dask, args.workers)
+        dask.start()
     try:
         plan = plan_extraction(
             ExtractRequest(
@@ -431,11 +438,13 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if dask is not None:
+            dask.close()
         raise
     for path in plan.without_coordinates:
         log.warning("%s: no coordinates found; skipped", path)
     summary = run_extraction(
-        plan, workers=args.workers, progress=not args.no_progress, pool=pool, dask=args.dask
+        plan, workers=args.workers, progress=not args.no_progress, pool=pool, dask=dask
     )
     print(summary.line())
     if not any(summary.particles.values()):

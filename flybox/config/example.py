@@ -74,7 +74,9 @@ float16 = false            # true: MRC mode 12 with RELION's float16 rules
 
 [executor]
 workers = 2                # local worker processes
-# address = "tcp://scheduler:8786"   # a Dask scheduler (not available in this version)
+# address = "tcp://scheduler:8786"   # run on a Dask cluster (pip install 'flybox[dask]'),
+#                                    # or "local": `workers` Dask processes here; see
+#                                    # docs/scaling.md
 drain_seconds = 30         # on SIGTERM, in-flight micrographs get this long to finish
 max_attempts = 3           # tries per micrograph when a worker dies or I/O fails
 job_timeout_seconds = 600  # per 256 MiB of micrograph: a hung job's worker is replaced

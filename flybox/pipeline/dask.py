@@ -19,12 +19,17 @@ worker before that fails (:class:`WorkerMismatchError`) and is retried elsewhere
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import glob
+import itertools
 import logging
 import secrets
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOCAL",
+    "DaskBatch",
     "WorkerMismatchError",
     "check_workers",
     "discard_attempt",
@@ -76,6 +82,13 @@ def fingerprint() -> dict[str, str]:
         "plugins": ",".join(steps),
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
     }
+
+
+@functools.cache
+def _this_worker() -> dict[str, str]:
+    """This worker process's :func:`fingerprint`, worked out once (it reads every installed
+    distribution's entry points: not something to repeat for each task)."""
+    return fingerprint()
 
 
 def worker_check() -> dict[str, str]:
@@ -127,7 +140,7 @@ def run_dask_job(job: MicrographJob, expected: dict[str, str]) -> JobResult:
     """The task a Dask worker runs: check the worker, run the job, and drop the outputs again
     when nobody wants them any more (the task was cancelled while it ran: the caller stopped or
     lost the scheduler)."""
-    problem = mismatch(expected, fingerprint())
+    problem = mismatch(expected, _this_worker())
     if problem is not None:
         raise WorkerMismatchError(f"worker refused: other flybox: {problem}")
     result = run_job(job)
@@ -227,43 +240,128 @@ def is_local(address: str) -> bool:
     return address == LOCAL
 
 
-def run_on_dask(
-    jobs: Sequence[MicrographJob], address: str, workers: int
-) -> Iterator[tuple[int, JobResult | BaseException]]:
-    """Run jobs on a Dask cluster (``address``, or ``"local"``: ``workers`` processes here),
-    yielding ``(index, result or exception)`` as they finish, with at most twice the cluster's
-    task slots in flight (the batch command; the service has its asynchronous executor)."""
-    from distributed import Client, KilledWorker, as_completed
+class DaskBatch:
+    """A Dask cluster for a batch (``flybox extract --dask``): :meth:`start` connects in the
+    background (importing ``distributed``, starting a local cluster, the client, the version
+    check of every worker), so that this overlaps with planning the batch, as the local pool's
+    start does; :meth:`run` waits for it and runs the jobs. A context manager (closes the client
+    and a local cluster).
 
-    expected = fingerprint()
-    with contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(local_cluster(workers)) if is_local(address) else None
-        client = stack.enter_context(
-            Client(cluster if cluster is not None else address, timeout=30, set_as_default=False)  # type: ignore[no-untyped-call]
+    Parameters
+    ----------
+    address
+        A scheduler's address, or ``"local"``: ``workers`` processes on this machine.
+    workers
+        Worker processes of a local cluster.
+    """
+
+    def __init__(self, address: str, workers: int) -> None:
+        self.address = address
+        self.workers = workers
+        #: Seconds from :meth:`start` until the workers were checked (``None`` before).
+        self.start_seconds: float | None = None
+        self._expected = fingerprint()
+        self._stack = contextlib.ExitStack()
+        self._client: Client | None = None
+        self._slots = 0
+        self._connecting: concurrent.futures.Future[None] | None = None
+
+    def start(self) -> None:
+        """Start connecting (on a thread of its own; :meth:`run` waits for it)."""
+        if self._connecting is None:
+            self._connecting = concurrent.futures.Future()
+            thread = threading.Thread(target=self._connect, name="flybox-dask-connect")
+            thread.daemon = True
+            thread.start()
+
+    def _connect(self) -> None:
+        assert self._connecting is not None
+        started = time.perf_counter()
+        try:
+            from distributed import Client
+
+            cluster = (
+                self._stack.enter_context(local_cluster(self.workers))
+                if is_local(self.address)
+                else None
+            )
+            client = self._stack.enter_context(
+                Client(  # type: ignore[no-untyped-call]
+                    cluster if cluster is not None else self.address,
+                    timeout=30,
+                    set_as_default=False,
+                )
+            )
+            self._client = client
+            info = client.scheduler_info(n_workers=-1)["workers"]
+            # One call checks every worker (not one per task).
+            replies = client.run(worker_check, workers=sorted(info), on_error="return")
+            accepted, refused = judge(self._expected, set(info), replies)
+            if refused:
+                client.retire_workers(workers=refused, close_workers=True, remove=True)
+            if not accepted:
+                raise WorkerLostError(f"dask scheduler {self.address}: no worker runs this flybox")
+            self._slots = max(threads({a: w for a, w in info.items() if a in accepted}), 1)
+        except BaseException as exc:
+            self._connecting.set_exception(exc)
+            return
+        self.start_seconds = time.perf_counter() - started
+        log.info(
+            "dask scheduler %s: %d workers accepted, %d task slots; client started in %.2f s",
+            self.address,
+            len(accepted),
+            self._slots,
+            self.start_seconds,
         )
-        info = client.scheduler_info(n_workers=-1)["workers"]
-        replies = client.run(worker_check, workers=sorted(info), on_error="return")
-        accepted, refused = judge(expected, set(info), replies)
-        if refused:
-            client.retire_workers(workers=refused, close_workers=True, remove=True)
-        if not accepted:
-            raise WorkerLostError(f"dask scheduler {address}: no worker runs this flybox")
-        limit = 2 * max(threads({a: w for a, w in info.items() if a in accepted}), 1)
+        self._connecting.set_result(None)
+
+    def __enter__(self) -> DaskBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the client (and a local cluster), once connecting has ended."""
+        if self._connecting is not None:
+            concurrent.futures.wait([self._connecting])
+        self._client = None
+        self._stack.close()
+
+    def run(self, jobs: Sequence[MicrographJob]) -> Iterator[tuple[int, JobResult | BaseException]]:
+        """Run jobs, yielding ``(index, result or exception)`` as they finish. Each worker
+        slot has a second task waiting (``2 ×`` the task slots in flight), so that a worker
+        never waits for a round trip to the client between two micrographs; memory does not
+        grow with the batch."""
+        from distributed import KilledWorker, as_completed
+
+        self.start()
+        assert self._connecting is not None
+        self._connecting.result()
+        client = self._client
+        assert client is not None
+        expected = self._expected
+        limit = 2 * self._slots
         pending: dict[str, tuple[int, MicrographJob]] = {}
         queue = iter(enumerate(jobs))
         running = as_completed(loop=client.loop)  # type: ignore[no-untyped-call]
 
-        def submit_next() -> bool:
-            for index, job in queue:
+        def submit(count: int) -> None:
+            batch = list(itertools.islice(queue, count))
+            if not batch:
+                return
+            keys, attempts = [], []
+            for index, job in batch:
                 key = task_key(job)
                 attempt = tagged(job, key)
                 pending[key] = (index, attempt)
-                running.add(client.submit(run_dask_job, attempt, expected, key=key, pure=False))  # type: ignore[no-untyped-call]
-                return True
-            return False
+                keys.append(key)
+                attempts.append(attempt)
+            # One message to the scheduler for the lot.
+            futures = client.map(run_dask_job, attempts, expected=expected, key=keys, pure=False)
+            running.update(futures)  # type: ignore[no-untyped-call]
 
-        while len(pending) < limit and submit_next():
-            pass
+        submit(limit)
         for future in running:
             index, attempt = pending.pop(future.key)
             try:
@@ -275,5 +373,14 @@ def run_on_dask(
                 discard_attempt(attempt)
                 outcome = exc
             future.release()
-            submit_next()
+            submit(limit - len(pending))
             yield index, outcome
+
+
+def run_on_dask(
+    jobs: Sequence[MicrographJob], address: str, workers: int
+) -> Iterator[tuple[int, JobResult | BaseException]]:
+    """Run jobs on a Dask cluster (``address``, or ``"local"``: ``workers`` processes here),
+    yielding ``(index, result or exception)`` as they finish (:class:`DaskBatch`)."""
+    with DaskBatch(address, workers) as batch:
+        yield from batch.run(jobs)

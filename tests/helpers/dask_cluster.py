@@ -41,7 +41,9 @@ class DaskProcesses:
                 cwd=self.folder,
             )
 
-    def start_scheduler(self) -> None:
+    def start_scheduler(self, *, env: dict[str, str] | None = None) -> None:
+        """Start the scheduler (again); ``env``: extra environment, e.g. Dask configuration
+        (``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES``)."""
         self.scheduler = self._dask(
             "scheduler",
             "scheduler",
@@ -50,6 +52,7 @@ class DaskProcesses:
             "--port",
             str(self.port),
             "--no-dashboard",
+            env=env,
         )
         wait_for(lambda: b"Scheduler at" in self.log("scheduler"), 60, "the dask scheduler")
 
@@ -59,7 +62,17 @@ class DaskProcesses:
             self.scheduler.wait(10)
         self.scheduler = None
 
-    def start_worker(self, name: str, *, preload: Path | None = None) -> None:
+    def start_worker(
+        self,
+        name: str,
+        *,
+        preload: Path | None = None,
+        memory_limit: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Start a worker with one thread. Without ``memory_limit``: no nanny (a SIGKILL ends
+        it for good). With one: under a nanny, which terminates the worker process when it
+        goes beyond 95 % of the limit and starts a new one."""
         args = [
             "worker",
             self.address,
@@ -67,14 +80,17 @@ class DaskProcesses:
             "127.0.0.1",
             "--nthreads",
             "1",
-            "--no-nanny",
             "--no-dashboard",
             "--name",
             name,
         ]
+        if memory_limit is None:
+            args += ["--no-nanny"]
+        else:
+            args += ["--nanny", "--memory-limit", memory_limit]
         if preload is not None:
             args += ["--preload", str(preload)]
-        self.workers[name] = self._dask(f"worker-{name}", *args)
+        self.workers[name] = self._dask(f"worker-{name}", *args, env=env)
 
     def wait_worker(self, name: str) -> None:
         wait_for(

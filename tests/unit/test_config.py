@@ -28,6 +28,11 @@ def test_example_configuration_is_valid_and_has_the_contract_keys() -> None:
     assert "mask" not in steps
     assert "normalize" in steps
     assert config.executor.workers == 2
+    # Dask is shown commented out (the local pool by default), and valid once uncommented.
+    assert config.executor.address is None
+    line = next(ln for ln in EXAMPLE_CONFIG.splitlines() if ln.startswith("# address = "))
+    uncommented = EXAMPLE_CONFIG.replace(line, line[2:].split("#")[0])
+    assert parse_config(tomllib.loads(uncommented)).executor.address == "tcp://scheduler:8786"
     assert config.mqtt is not None
     assert config.mqtt.topic_prefix is None  # default: flybox/<session name>
     assert '# topic_prefix = "flybox/krios1-2026-11-21"' in EXAMPLE_CONFIG
