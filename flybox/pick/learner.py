@@ -25,10 +25,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy.spatial import cKDTree
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 from flybox.pick.features import (
     FEATURE_NAMES,
@@ -152,6 +148,13 @@ def _template(examples: Sequence[LabelledMicrograph]) -> Float32Array:
 
 
 def _classifier() -> Any:
+    # Imported here: scikit-learn costs ~0.5 s to import, and the service imports this module
+    # whether or not it picks; only training needs it.
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
     return make_pipeline(
         StandardScaler(),
         # Platt scaling on 5-fold out-of-fold decision values, then one SVM on all data:
