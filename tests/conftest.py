@@ -47,11 +47,23 @@ REAL = SHARED / "data" / "real"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
-def missing_component(reason: str) -> None:
-    """Skip the calling test, or fail it when running in CI."""
+def missing_component(reason: str, *, module_level: bool = False) -> None:
+    """Skip the calling test (or module), or fail it when running in CI."""
     if IN_CI:
-        pytest.fail(f"required component missing in CI: {reason}")
-    pytest.skip(reason)
+        pytest.fail(f"required component missing in CI: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def require_module(name: str) -> Any:
+    """Import an optional package (e.g. the ``[dask]`` extra) for a test module; skip the
+    module without it, or fail under CI."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing_component(f"python package {name} is not installed", module_level=True)
+        raise
 
 
 def require_binary(name: str) -> str:

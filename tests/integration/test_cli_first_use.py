@@ -18,6 +18,7 @@ from flybox.io.coords import write_coordinates_star
 from flybox.io.mrc import write_micrograph
 from flybox.io.star import write_star
 from flybox.sim.microscope import _ctf_row, synthetic_micrograph
+from tests.conftest import missing_component
 from tests.helpers.service import FOREIGN_UID, unprivileged_root_prefix
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +80,7 @@ def test_output_folder_without_write_permission_is_one_line(tmp_path: Path) -> N
     if os.geteuid() == 0:  # root writes anywhere: run as a user that does not own the folder
         found = unprivileged_root_prefix()
         if found is None:
-            pytest.skip("running as root without user namespaces")
+            missing_component("running as root without user namespaces (unshare --user)")
         prefix = found
         os.chown(locked, FOREIGN_UID, FOREIGN_UID)
     command = [*prefix, sys.executable, "-m", "flybox", *extract(star, locked / "Extract")]
@@ -172,7 +173,7 @@ def test_without_a_writable_home_numba_falls_back_with_one_warning(tmp_path: Pat
     if os.geteuid() == 0:
         found = unprivileged_root_prefix()
         if found is None:
-            pytest.skip("running as root without user namespaces")
+            missing_component("running as root without user namespaces (unshare --user)")
         prefix = found
         os.chown(home, FOREIGN_UID, FOREIGN_UID)
     cache = tmp_path / "fallback-tmp"

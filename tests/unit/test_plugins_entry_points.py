@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import importlib.metadata
 
-import pytest
-
 from flybox.plugins import registry
 from flybox.processors.base import Processor
+from tests.conftest import require_module
 
-importlib_metadata = pytest.importorskip("importlib_metadata")
+importlib_metadata = require_module("importlib_metadata")
 
 
 def test_backport_entry_points_load_like_the_standard_librarys() -> None:

@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from flybox.sim.microscope import write_dataset
+from tests.conftest import require_module
 from tests.helpers.dask_cluster import DaskProcesses
 
-pytest.importorskip("distributed")
+require_module("distributed")
 
 MICROGRAPHS = 6
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from flybox.io.coords import write_coordinates_star
 from flybox.io.mrc.write import write_micrograph
 from flybox.sim.microscope import Acquired, Acquisition, AcquisitionSettings
+from tests.conftest import require_module
 from tests.helpers.dask_cluster import DaskProcesses
 from tests.helpers.service import (
     ServiceProcess,
@@ -34,7 +34,7 @@ from tests.helpers.service import (
     write_config,
 )
 
-pytest.importorskip("distributed")
+require_module("distributed")
 
 PARTICLES = 16
 #: Micrographs before the one too large for the worker, and after it.

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from flybox.sim.microscope import Acquisition, AcquisitionSettings
+from tests.conftest import require_module
 from tests.helpers.dask_cluster import DaskProcesses
 from tests.helpers.service import (
     ServiceProcess,
@@ -25,7 +26,7 @@ from tests.helpers.service import (
     write_config,
 )
 
-pytest.importorskip("distributed")
+require_module("distributed")
 
 MICROGRAPHS = 20
 PARTICLES = 16
