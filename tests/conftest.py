@@ -119,3 +119,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         test = getattr(item, "obj", None)
         if inspect.iscoroutinefunction(test) and not hasattr(test, "hypothesis"):
             item.obj = _checked_for_leaked_tasks(test)  # type: ignore[attr-defined]
+
+
+#: Debian's Chromium, which the browser tests drive through Playwright.
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Chromium (``--no-sandbox`` as root), or skip/fail when it is not installed."""
+    if not os.path.exists(CHROMIUM):
+        missing_component(f"{CHROMIUM} is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            yield launched
+        finally:
+            launched.close()

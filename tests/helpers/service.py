@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -262,3 +264,20 @@ def write_halves(source: Path, target: Path, pause: float) -> None:
 def noise(shape: int, seed: int = 0) -> np.ndarray[Any, Any]:
     """A float32 image of noise."""
     return np.random.default_rng(seed).standard_normal((shape, shape)).astype(np.float32)
+
+
+def http_base(config: Path) -> str:
+    """``http://HOST:PORT`` of a service from its configuration's ``[http] listen``."""
+    listen = next(
+        line.split('"')[1] for line in config.read_text().splitlines() if "listen" in line
+    )
+    return f"http://{listen}"
+
+
+def healthz(config: Path) -> tuple[int, str]:
+    """``GET /healthz`` of a running service: status code and text."""
+    try:
+        with urllib.request.urlopen(f"{http_base(config)}/healthz", timeout=10) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read().decode()

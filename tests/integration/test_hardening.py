@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +23,7 @@ from tests.helpers.service import (
     ServiceProcess,
     check_outputs,
     committed_rows,
+    healthz,
     wait_for,
     write_config,
 )
@@ -237,17 +237,6 @@ def _mount_tmpfs(target: Path, size: str) -> None:
         missing_component(f"a tmpfs mount ({result.stderr.strip()})")
 
 
-def _health(config: Path) -> tuple[int, str]:
-    listen = next(
-        line.split('"')[1] for line in config.read_text().splitlines() if "listen" in line
-    )
-    try:
-        with urllib.request.urlopen(f"http://{listen}/healthz", timeout=10) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as error:
-        return int(error.code), error.read().decode()
-
-
 def _fill(handle: BinaryIO) -> None:
     with pytest.raises(OSError, match="No space left"):  # noqa: PT012 - until the disk is full
         while True:
@@ -276,7 +265,7 @@ def test_a_full_disk_pauses_commits_and_the_session_finishes_when_space_returns(
                 files.add(stem, seed=index)
             wait_for(lambda: "disk full" in service.output(), 90, "the service to see ENOSPC")
             assert service.alive(), service.output()
-            code, body = _health(config)
+            code, body = healthz(config)
             assert code == 503, body
             assert "disk full" in body
             filler.unlink()
@@ -289,7 +278,7 @@ def test_a_full_disk_pauses_commits_and_the_session_finishes_when_space_returns(
                 "every particle after space returned",
             )
             assert "committing resumes" in service.output()
-            assert _health(config)[0] == 200
+            assert healthz(config)[0] == 200
             assert service.terminate() == 0, service.output()
         finally:
             if service.alive():

@@ -25,6 +25,8 @@ from tests.helpers.service import (
     ServiceProcess,
     check_outputs,
     committed_rows,
+    healthz,
+    http_base,
     wait_for,
     write_config,
 )
@@ -166,21 +168,6 @@ def test_a_job_hung_on_storage_is_abandoned_its_worker_replaced_and_the_unit_ret
         disk.remove()
 
 
-def _base(config: Path) -> str:
-    listen = next(
-        line.split('"')[1] for line in config.read_text().splitlines() if "listen" in line
-    )
-    return f"http://{listen}"
-
-
-def _health(config: Path) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"{_base(config)}/healthz", timeout=10) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as error:
-        return int(error.code), error.read().decode()
-
-
 def test_a_commit_loop_stalled_on_a_frozen_disk_makes_healthz_answer_503_naming_it(
     tmp_path: Path,
 ) -> None:
@@ -197,17 +184,17 @@ def test_a_commit_loop_stalled_on_a_frozen_disk_makes_healthz_answer_503_naming_
             service.wait_running()
             files.add("before", seed=1)
             wait_for(lambda: committed_rows(output) == PARTICLES, 90, "the first micrograph")
-            assert _health(config)[0] == 200
+            assert healthz(config)[0] == 200
             disk.freeze()
             files.add("during", seed=2)  # journaling it blocks the journal thread for good
-            wait_for(lambda: _health(config)[0] == 503, 90, "/healthz to answer 503")
-            code, body = _health(config)
+            wait_for(lambda: healthz(config)[0] == 503, 90, "/healthz to answer 503")
+            code, body = healthz(config)
             assert code == 503, body
             assert "journal loop stalled" in body, body
             assert service.alive()
             assert "the journal loop has made no progress for" in service.output()
             disk.thaw()
-            wait_for(lambda: _health(config)[0] == 200, 90, "/healthz to recover")
+            wait_for(lambda: healthz(config)[0] == 200, 90, "/healthz to recover")
             wait_for(
                 lambda: "the journal loop makes progress again" in service.output(),
                 30,
@@ -227,7 +214,7 @@ def test_a_commit_loop_stalled_on_a_frozen_disk_makes_healthz_answer_503_naming_
 
 def _metric(config: Path, sample: str) -> float | None:
     """One sample of ``/metrics`` (name and labels as Prometheus prints them)."""
-    with urllib.request.urlopen(f"{_base(config)}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"{http_base(config)}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
             if line.startswith(sample + " "):
                 return float(line.rsplit(" ", 1)[1])
@@ -279,11 +266,11 @@ def test_a_disk_that_fills_during_worker_writes_and_commits_pauses_and_the_sessi
                 write_coordinates_star(files.picks / f"{stem}_autopick.star", mic.picks)
                 shutil.copyfile(files.staging / f"{stem}.mrc", files.micrographs / f"{stem}.mrc")
             wait_for(lambda: "disk full" in service.output(), 120, "the service to see ENOSPC")
-            wait_for(lambda: _health(config)[0] == 503, 60, "/healthz to answer 503")
-            assert "disk full" in _health(config)[1]
+            wait_for(lambda: healthz(config)[0] == 503, 60, "/healthz to answer 503")
+            assert "disk full" in healthz(config)[1]
             # the alert event, as the metrics saw it
             assert _metric(config, 'flybox_alert_active{rule="disk_full"}') == 1.0
-            with urllib.request.urlopen(f"{_base(config)}/api/status", timeout=10) as response:
+            with urllib.request.urlopen(f"{http_base(config)}/api/status", timeout=10) as response:
                 status = json.load(response)
             assert status["health"]["disk_full"] is True, status["health"]
             assert service.alive(), service.output()
@@ -305,7 +292,7 @@ def test_a_disk_that_fills_during_worker_writes_and_commits_pauses_and_the_sessi
                 line for line in service.output().splitlines() if "committing resumes" in line
             )
             assert "(0 micrographs waiting)" not in resumed, resumed
-            wait_for(lambda: _health(config)[0] == 200, 30, "/healthz to recover")
+            wait_for(lambda: healthz(config)[0] == 200, 30, "/healthz to recover")
             assert _metric(config, 'flybox_alert_active{rule="disk_full"}') == 0.0
             assert service.terminate() == 0, service.output()
         finally:

@@ -4,7 +4,6 @@ docs/images/ (shown in the README)."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from flybox.io.mrc import write_micrograph
-from tests.conftest import REPO, missing_component
+from tests.conftest import REPO
 from tests.helpers.service import ServiceProcess, wait_for
 from tests.integration.test_live_picking import (
     Api,
@@ -26,23 +25,7 @@ from tests.integration.test_live_picking import (
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
 IMAGES = REPO / "docs" / "images"
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        missing_component(f"{CHROMIUM} is not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture
