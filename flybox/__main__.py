@@ -1,5 +1,5 @@
 """``python -m flybox`` runs the command line."""
 
-from flybox.cli import main
+from flybox.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import multiprocessing
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from flybox import __version__
 from flybox.errors import FlyboxError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "entry", "main"]
 
 log = logging.getLogger("flybox")
 
@@ -141,3 +143,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("interrupted")
         return 130
     return code
+
+
+def entry() -> None:
+    """The ``flybox`` console script: :func:`main`, then a quick exit.
+
+    Tearing the interpreter down after a batch command (freeing pandas', pyarrow's and numba's
+    state module by module) takes ~0.2 s here, 10 % of a typical ``flybox extract``. When the
+    command has finished cleanly, with no child process and no non-daemon thread left, nothing
+    remains to be done but flushing the output streams, so the process ends at once.
+    Otherwise (a command that left workers or threads behind) it exits the normal way.
+    """
+    code = main()
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed or broken stream: let the interpreter report it
+        sys.exit(code)
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if not multiprocessing.active_children() and all(t.daemon for t in others):
+        os._exit(code)
+    sys.exit(code)

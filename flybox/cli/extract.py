@@ -363,7 +363,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``flybox extract``; returns the exit status (1 when some micrographs failed or no
     particle was extracted)."""
     from flybox.batch.extract import ExtractRequest, plan_extraction, run_extraction
-    from flybox.config import load_config
     from flybox.io.mrc import read_header
     from flybox.pipeline.inputs import find_micrographs
     from flybox.pipeline.job import chain_for
@@ -381,6 +380,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         if given:
             raise ConfigError(given[0], "processing options cannot be combined with -c CONFIG")
+        from flybox.config import load_config  # the configuration models: only with -c
+
         try:
             config = load_config(args.config)
         except ConfigError as exc:

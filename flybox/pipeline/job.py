@@ -32,7 +32,7 @@ from flybox.pipeline.layout import optics_table, particle_rows, project_path, st
 from flybox.processors.base import Micrograph
 from flybox.processors.coordinates import rescale_coordinates
 from flybox.processors.fft import use_wisdom_store
-from flybox.types import CtfParams, OpticsGroup
+from flybox.types import CtfParams, ImageStats, OpticsGroup
 
 __all__ = [
     "PICK_ORIGIN_COLUMN",
@@ -238,16 +238,34 @@ def _with_origins(picks: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
 _FLOAT16_MAX = 65504.0
 
 
-def _check_finite(job: MicrographJob, stream: str, images: np.ndarray[Any, Any]) -> None:
+def _check_finite(
+    job: MicrographJob, stream: str, images: np.ndarray[Any, Any], stats: ImageStats | None
+) -> None:
     """No particle with a non-finite value is written (values near float32's limit overflow
-    in processing; beyond 65504 float16 gives Inf)."""
-    finite = np.isfinite(images)
-    if not finite.all():
+    in processing; beyond 65504 float16 gives Inf).
+
+    With the statistics the last step computed (the normalisation kernel's), no pass over the
+    pixels is needed: every pixel is finite exactly when the float64 sums behind each
+    variance are (a finite float32 squared cannot overflow float64) and so are the minimum
+    and maximum.
+    """
+    if stats is not None and len(stats.variances) == len(images):
+        finite = bool(
+            np.isfinite(stats.variances).all()
+            and np.isfinite(stats.means).all()
+            and np.isfinite(stats.minimum)
+            and np.isfinite(stats.maximum)
+        )
+        largest = max(abs(stats.minimum), abs(stats.maximum)) if finite else np.inf
+    else:
+        finite = bool(np.isfinite(images).all())
+        largest = float(np.abs(images).max()) if finite and images.size else 0.0
+    if not finite:
         raise MrcFormatError(
             job.micrograph,
             f"{stream}: processing gave non-finite values (pixel values too large?)",
         )
-    if job.float16 and images.size and float(np.abs(images).max()) > _FLOAT16_MAX:
+    if job.float16 and largest > _FLOAT16_MAX:
         raise MrcFormatError(
             job.micrograph, f"{stream}: particle values beyond float16's range (65504)"
         )
@@ -355,7 +373,7 @@ def run_job(job: MicrographJob) -> JobResult:
                         sync=False,
                     )
                 images = stack.real()
-                _check_finite(job, stream, images)
+                _check_finite(job, stream, images, stack.image_stats)
                 writers[stream].append(images, stack.image_stats)
                 tables[stream].append(stack.table)
                 pixel_sizes[stream] = stack.pixel_size_a

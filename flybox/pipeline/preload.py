@@ -11,10 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 import flybox.pipeline.job  # noqa: F401
+from flybox.processors.jit import ready_target
 from flybox.processors.normalize import normalize_images
 
 
 def _warm_up() -> None:
+    ready_target()
     tiny = np.zeros((1, 8, 8), dtype=np.float32)
     tiny[0, 0, 0] = 1.0
     normalize_images(tiny, method="ramp", radius=2)

@@ -10,16 +10,18 @@ cache, with one warning.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numba
 
-__all__ = ["fallback_cache_dir", "njit"]
+__all__ = ["fallback_cache_dir", "njit", "ready_target"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,3 +76,31 @@ def njit(**options: Any) -> Callable[[F], F]:
         return numba.njit(**options)(function)  # type: ignore[no-any-return]
 
     return decorate
+
+
+def ready_target() -> None:
+    """Initialise numba's CPU target (its typing and lowering registries) in this process,
+    without importing ``scipy.linalg`` for it.
+
+    The first compiled call of a process (even one served from the on-disk cache) loads
+    numba's registries, and ``numba.np.arraymath`` checks on import that BLAS is available by
+    importing ``scipy.linalg``: 0.09 s of the ~0.2 s every worker spends before its first
+    micrograph, for a module flybox's kernels never call. The check is answered without the
+    import when scipy.linalg can be found (what the import would establish); a kernel that
+    does use BLAS (``np.dot`` in a plugin) still imports it, when it is compiled or first
+    called. Idempotent; a no-op once the registries are loaded.
+    """
+    import numba.np.linalg as linalg
+    from numba.core.registry import cpu_target
+
+    check = linalg.ensure_blas
+    if "numba.np.arraymath" not in sys.modules and importlib.util.find_spec("scipy.linalg"):
+        linalg.ensure_blas = _blas_found
+    try:
+        cpu_target.target_context.refresh()
+    finally:
+        linalg.ensure_blas = check
+
+
+def _blas_found() -> None:
+    """Stands in for ``numba.np.linalg.ensure_blas`` while the registries load."""

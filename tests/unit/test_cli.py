@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 from flybox import __version__
 from flybox.cli import main
+from flybox.config.example import EXAMPLE_CONFIG
 from flybox.io.mrc import read_stack, write_stack
 
 
@@ -49,3 +52,34 @@ def test_mask_command_refuses_bad_options_in_one_line(
     assert len(err) == 1
     assert "--shape" in err[0]
     assert not (tmp_path / "o.mrcs").exists()
+
+
+def _run_entry(*arguments: str, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flybox", *arguments],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_console_script_exits_quickly_with_its_output_flushed_and_its_code(
+    tmp_path: Path,
+) -> None:
+    # entry() ends the process with os._exit after a clean command: everything printed must
+    # still arrive (stdout to a pipe and to a file are block-buffered), and the exit code
+    # must be the command's.
+    example = _run_entry("config", "example")
+    assert example.returncode == 0
+    assert example.stdout == EXAMPLE_CONFIG
+    written = tmp_path / "example.toml"
+    with open(written, "w") as handle:
+        assert _run_entry("config", "example", stdout=handle.fileno()).returncode == 0
+    assert written.read_text() == EXAMPLE_CONFIG
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[micrograph]\npixel_size = -1\n")
+    checked = _run_entry("config", "check", str(bad))
+    assert checked.returncode == 2
+    assert "micrograph.pixel_size" in checked.stderr

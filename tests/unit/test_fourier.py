@@ -197,3 +197,33 @@ def test_window_step_applies_to_listed_streams_only_and_keeps_sampling() -> None
     other = stack_of(images)
     other.stream = "particles_small"
     assert step.apply(other).box == 16
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_pruned_crop_equals_the_full_transform_cropped_and_leaves_its_input(
+    aligned: bool,
+) -> None:
+    # Whole aligned blocks are transformed in place (no copy), the rest through the plan's
+    # own buffer: several blocks and a partial last one, aligned or not, give the same
+    # spectra as the full transform cropped, and the images stay as they were.
+    from flybox.processors.fft import BLOCK, cropped_rfft2, empty_aligned, rfftn_last
+
+    count = 2 * BLOCK + 3
+    rng = np.random.default_rng(7)
+    if aligned:
+        images = empty_aligned((count, 32, 32), np.float32)
+    else:
+        images = np.empty(count * 32 * 32 + 1, dtype=np.float32)[1:].reshape(count, 32, 32)
+    images[...] = rng.normal(size=images.shape)
+    before = images.copy()
+    for m in (16, 10):
+        pruned = cropped_rfft2(images, m)
+        expected = resize_spectrum(rfftn_last(before), 32, m)
+        np.testing.assert_allclose(pruned, expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(images, before)
+    # The plans are left on their own buffers: a later unaligned call is still correct.
+    odd = np.empty(3 * 32 * 32 + 1, dtype=np.float32)[1:].reshape(3, 32, 32)
+    odd[...] = rng.normal(size=odd.shape)
+    np.testing.assert_allclose(
+        cropped_rfft2(odd, 16), resize_spectrum(rfftn_last(odd.copy()), 32, 16), atol=1e-3
+    )

@@ -149,6 +149,7 @@ class StackWriter:
         self._max = -np.inf
         self._sum_means = 0.0
         self._sum_vars = 0.0
+        self._advise_from = 0
         self._fh: IO[bytes] | None = open(self.path, "wb")  # noqa: SIM115 (closed in close/abort)
         try:
             self._fh.write(bytes(HEADER_BYTES))  # placeholder until close() knows the count
@@ -193,6 +194,7 @@ class StackWriter:
         stored = relion_float16(data) if self.mode == 12 else data.astype("<f4", copy=False)
         stored = np.ascontiguousarray(stored)
         self._fh.write(stored.data)
+        written = stored.nbytes
         if stats is not None and self.mode == 2 and len(stats.means) == stored.shape[0]:
             low, high, means, variances = stats
         else:
@@ -204,17 +206,21 @@ class StackWriter:
         self._sum_means += float(means.sum())
         self._sum_vars += float(variances.sum())
         self.count += data.shape[0]
-        self._start_writeback()
+        self._start_writeback(written)
 
-    def _start_writeback(self) -> None:
+    def _start_writeback(self, length: int) -> None:
         # Hand the appended data to the disk now, asynchronously, and let the kernel drop the
         # pages once written: the final fsync (here or at commit) then finds little left to
         # do, disk writes overlap the computation of the next images, and outputs do not
-        # crowd the page cache. Advisory only; durability still comes from fsync.
+        # crowd the page cache. Advisory only; durability still comes from fsync. The range
+        # is the bytes of this append and of the previous one (written back by now, so
+        # dropped this time): advising the whole file each time rescans all its pages.
         assert self._fh is not None
         self._fh.flush()
+        end = self._fh.tell()
+        start, self._advise_from = self._advise_from, end - length
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fh.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         """Write the final header, fsync and close. Idempotent.
