@@ -59,6 +59,12 @@ __all__ = [
 
 Method = Literal["none", "whole", "background", "ramp"]
 
+#: numba's fast-math flags for the kernels' sums: reassociation (vectorised sums, fused
+#: multiply-add), not the no-NaN/no-Inf assumptions that ``fastmath=True`` adds. A non-finite
+#: pixel therefore always reaches the sums, and the worker checks a stack's finiteness on
+#: its statistics instead of on its pixels (:func:`flybox.pipeline.job.run_job`).
+_SUMS_MATH = {"reassoc", "contract", "nsz", "arcp"}
+
 
 class NormalizeSettings(StepSettings):
     """Settings of the ``normalize`` step (see the module docstring for the conventions).
@@ -144,15 +150,15 @@ def _geometry(box: int, radius: int, inclusive: bool, whole: bool) -> _Geometry:
     )
 
 
-@njit(fastmath=True)
+@njit(fastmath=_SUMS_MATH)
 def _background_sums(
     image: npt.NDArray[np.float32],
     inside_start: npt.NDArray[np.int64],
     inside_stop: npt.NDArray[np.int64],
     ref: float,
 ) -> tuple[float, float, float, float]:  # pragma: no cover - compiled
-    # Σv, Σv·j, Σv·i, Σv² over the background, v = x − ref; fastmath only reorders these
-    # float64 sums (vectorised), pixel values are untouched.
+    # Σv, Σv·j, Σv·i, Σv² over the background, v = x − ref; the fast-math flags only reorder
+    # these float64 sums (vectorised), pixel values are untouched.
     ny, nx = image.shape
     cy = ny // 2
     cx = nx // 2
@@ -181,7 +187,7 @@ def _background_sums(
     return s0, s1, s2, s3
 
 
-@njit(fastmath=True)
+@njit(fastmath=_SUMS_MATH)
 def _image_sums(
     image: npt.NDArray[np.float32], sums: npt.NDArray[np.float64]
 ) -> None:  # pragma: no cover
@@ -201,7 +207,7 @@ def _image_sums(
     sums[2] = ref
 
 
-@njit(fastmath=True)
+@njit(fastmath=_SUMS_MATH)
 def _min_max(image: npt.NDArray[np.float32]) -> tuple[float, float]:  # pragma: no cover
     low = np.float32(np.inf)
     high = np.float32(-np.inf)
@@ -307,7 +313,7 @@ def _normalize_batch(
         _substitute_sums(target, mask, value, sums[k])
 
 
-@njit(fastmath=True)
+@njit(fastmath=_SUMS_MATH)
 def _row_sum(row: npt.NDArray[np.float32]) -> float:  # pragma: no cover - compiled
     total = 0.0
     for c in range(row.size):
@@ -315,7 +321,7 @@ def _row_sum(row: npt.NDArray[np.float32]) -> float:  # pragma: no cover - compi
     return total
 
 
-@njit(fastmath=True)
+@njit(fastmath=_SUMS_MATH)
 def _row_removed_sum(
     row: npt.NDArray[np.float32], mask_row: npt.NDArray[np.float32]
 ) -> float:  # pragma: no cover - compiled
@@ -325,7 +331,7 @@ def _row_removed_sum(
     return total
 
 
-@njit(fastmath=True)
+@njit(fastmath=_SUMS_MATH)
 def _substitute_sums(
     image: npt.NDArray[np.float32],
     mask: npt.NDArray[np.float32],
@@ -455,8 +461,9 @@ def normalize_images(
             out[start:stop],
             sums[start:stop],
         )
-        low = min(low, float(out[start:stop].min()))
-        high = max(high, float(out[start:stop].max()))
+        # np.minimum/np.maximum, unlike min()/max(), keep a NaN.
+        low = float(np.minimum(low, out[start:stop].min()))
+        high = float(np.maximum(high, out[start:stop].max()))
     size = box * box
     mean_delta = sums[:, 0] / size
     variances = np.maximum(sums[:, 1] / size - mean_delta**2, 0.0)

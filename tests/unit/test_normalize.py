@@ -294,3 +294,33 @@ def test_normalising_in_place_gives_the_same_images_and_statistics(
     np.testing.assert_allclose(stats.means, expected.mean(axis=(1, 2)), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         normalize_images(images, method="whole", radius=16, out=np.empty((23, 40, 40)))
+
+
+@pytest.mark.parametrize("method", ["none", "whole", "background", "ramp"])
+@pytest.mark.parametrize("fill", [None, "avg", "soft_background", "min"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [(10, 10), (0, 1)])  # inside the disc, in the background
+def test_a_non_finite_pixel_always_reaches_the_statistics(
+    method: str, fill: str | None, bad: float, where: tuple[int, int]
+) -> None:
+    # The worker checks a stack's finiteness on these statistics, not on the pixels (issue 8):
+    # the kernels' fast-math flags must not let a NaN or an Inf drop out of the sums.
+    images = np.random.default_rng(4).normal(50, 3, size=(3, 20, 20)).astype(np.float32)
+    images[1][where] = bad
+    mask = None
+    if fill is not None:
+        soft = fill == "soft_background"
+        shape = {"shape": "raised_crown", "outer": 7, "decay": 2} if soft else {"radius": 7}
+        mask = mask_2d(20, MaskSettings.model_validate({"shape": "circular", **shape}))
+    with np.errstate(invalid="ignore", over="ignore"):
+        _, stats = normalize_images(
+            images,
+            method=method,  # type: ignore[arg-type]
+            radius=6,
+            mask=mask,
+            fill=fill or "multiply",
+        )
+    assert not np.isfinite(stats.variances[1])
+    assert np.isfinite(stats.variances[[0, 2]]).all()
+    if np.isnan(bad) or fill is None:
+        assert not (np.isfinite(stats.minimum) and np.isfinite(stats.maximum))
