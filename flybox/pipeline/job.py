@@ -246,8 +246,8 @@ def _check_finite(
 
     With the statistics the last step computed (the normalisation kernel's), no pass over the
     pixels is needed: every pixel is finite exactly when the float64 sums behind each
-    variance are (a finite float32 squared cannot overflow float64) and so are the minimum
-    and maximum.
+    variance are (a finite float32 squared cannot overflow float64; the kernels' fast-math
+    flags reorder sums but never assume finite values) and so are the minimum and maximum.
     """
     if stats is not None and len(stats.variances) == len(images):
         finite = bool(

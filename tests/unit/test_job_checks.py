@@ -39,7 +39,7 @@ def test_a_non_finite_pixel_is_refused_with_or_without_the_steps_statistics(
     bad: float, with_stats: bool
 ) -> None:
     batch = images(1.0, bad, 2.0)
-    with pytest.raises(MrcFormatError, match="a.mrc.*particles: processing gave non-finite"):
+    with pytest.raises(MrcFormatError, match=r"a\.mrc.*particles: processing gave non-finite"):
         _check_finite(job(), "particles", batch, stats_of(batch) if with_stats else None)
 
 
