@@ -38,6 +38,18 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, captured.out, captured.err
 
 
+def run_in(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    *options: str,
+    micrographs: str = "*.mrc",
+    out: str = "out",
+) -> tuple[int, str, str]:
+    """``flybox extract`` on ``tmp_path/in/<micrographs>`` into ``tmp_path/<out>``."""
+    folders = ["--micrographs", str(tmp_path / "in" / micrographs), "-o", str(tmp_path / out)]
+    return run([*folders, *options], capsys)
+
+
 def test_help_documents_every_option_with_units_and_defaults() -> None:
     parser = build_parser(["extract"])
     extract = next(
@@ -60,11 +72,7 @@ def test_micrographs_with_picks_beside_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mics_with_picks(tmp_path / "in")
-    code, out, _ = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out"),
-         "--box", "48", "--fcrop-small", "24", "--invert"],
-        capsys,
-    )  # fmt: skip
+    code, out, _ = run_in(tmp_path, capsys, "--box", "48", "--fcrop-small", "24", "--invert")
     assert code == 0
     summary = re.search(
         r"extracted 3 micrographs: particles (\d+) \(48 px, 1.2 Å\), "
@@ -89,17 +97,7 @@ def test_a_bad_coordinate_file_names_the_file_and_the_others_go_on(
     bad = tmp_path / "in" / "mic1.star"
     bad.write_text("data_\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n10 abc\n")
     (tmp_path / "in" / "mic2.star").unlink()
-    code, out, err = run(
-        [
-            "--micrographs",
-            str(tmp_path / "in" / "*.mrc"),
-            "-o",
-            str(tmp_path / "out"),
-            "--box",
-            "48",
-        ],
-        capsys,
-    )
+    code, out, err = run_in(tmp_path, capsys, "--box", "48")
     assert code == 1
     assert "extracted 1 micrograph:" in out
     assert "1 failed" in out
@@ -114,17 +112,7 @@ def test_corrupt_micrograph_is_reported_in_one_line(
 ) -> None:
     mics_with_picks(tmp_path / "in", count=2)
     (tmp_path / "in" / "mic0.mrc").write_bytes(b"\0" * 2000)
-    code, out, err = run(
-        [
-            "--micrographs",
-            str(tmp_path / "in" / "*.mrc"),
-            "-o",
-            str(tmp_path / "out"),
-            "--box",
-            "48",
-        ],
-        capsys,
-    )
+    code, out, err = run_in(tmp_path, capsys, "--box", "48")
     assert code == 1
     assert "extracted 1 micrograph:" in out
     assert sum("mic0.mrc" in line for line in err.splitlines()) == 1
@@ -135,11 +123,7 @@ def test_border_skip_excludes_and_counts(
 ) -> None:
     mics_with_picks(tmp_path / "in", count=1, n=20)
     picks = starfile.read(tmp_path / "in" / "mic0.star")
-    code, out, _ = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out"),
-         "--box", "64", "--border", "skip"],
-        capsys,
-    )  # fmt: skip
+    code, out, _ = run_in(tmp_path, capsys, "--box", "64", "--border", "skip")
     assert code == 0
     rows = starfile.read(tmp_path / "out" / "particles.star")["particles"]
     excluded = int(re.search(r"(\d+) excluded at the border", out).group(1))  # type: ignore[union-attr]
@@ -150,11 +134,7 @@ def test_border_skip_excludes_and_counts(
 
 def test_float16_and_descriptors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mics_with_picks(tmp_path / "in", count=1, shape=320)
-    code, _, _ = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out"),
-         "--box", "48", "--float16", "--descriptors"],
-        capsys,
-    )  # fmt: skip
+    code, _, _ = run_in(tmp_path, capsys, "--box", "48", "--float16", "--descriptors")
     assert code == 0
     with mrcfile.open(tmp_path / "out" / "Particles" / "mic0.mrcs") as stack:
         assert stack.header.mode == 12
@@ -174,11 +154,7 @@ def test_picking_pixel_size_rescales_coordinates(
         rlnCoordinateX=picks["rlnCoordinateX"] / 2, rlnCoordinateY=picks["rlnCoordinateY"] / 2
     )
     write_coordinates_star(tmp_path / "in" / "mic0.star", halved)
-    code, _, _ = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out"),
-         "--box", "48", "--picking-pixel-size", "2.4"],
-        capsys,
-    )  # fmt: skip
+    code, _, _ = run_in(tmp_path, capsys, "--box", "48", "--picking-pixel-size", "2.4")
     assert code == 0
     rows = starfile.read(tmp_path / "out" / "particles.star")["particles"]
     np.testing.assert_allclose(rows["rlnCoordinateX"], picks["rlnCoordinateX"], atol=1e-4)
@@ -197,11 +173,9 @@ def test_recenter_from_refined_origins(tmp_path: Path, capsys: pytest.CaptureFix
          "rlnMicrographName": [str(tmp_path / "in" / "mic0.mrc")] * 2, "rlnOpticsGroup": [1, 1]}
     )  # fmt: skip
     write_particles_star(tmp_path / "refined.star", optics, particles)
-    code, _, _ = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out"),
-         "--box", "48", "--recenter", str(tmp_path / "refined.star")],
-        capsys,
-    )  # fmt: skip
+    code, _, _ = run_in(
+        tmp_path, capsys, "--box", "48", "--recenter", str(tmp_path / "refined.star")
+    )
     assert code == 0
     rows = starfile.read(tmp_path / "out" / "particles.star")["particles"]
     # Origin 3.7 Å at 1.2 Å/px = 3.083 px: the centre moves by round(3.083) = 3 px and the
@@ -225,25 +199,11 @@ def test_config_chain_and_refusal_to_mix_it_with_options(
         '[[chain]]\nstep = "normalize"\nmethod = "background"\n'
         "[output]\nfloat16 = true\n"
     )
-    code, out, _ = run(
-        [
-            "--micrographs",
-            str(tmp_path / "in" / "*.mrc"),
-            "-o",
-            str(tmp_path / "out"),
-            "-c",
-            str(config),
-        ],
-        capsys,
-    )
+    code, out, _ = run_in(tmp_path, capsys, "-c", str(config))
     assert code == 0
     assert "particles_tiny" in out
     assert (tmp_path / "out" / "ParticlesTiny" / "mic0.mrcs").is_file()
-    code, _, err = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out2"),
-         "-c", str(config), "--box", "40"],
-        capsys,
-    )  # fmt: skip
+    code, _, err = run_in(tmp_path, capsys, "-c", str(config), "--box", "40", out="out2")
     assert code == 2
     assert "--box: processing options cannot be combined with -c CONFIG" in err
 
@@ -252,11 +212,7 @@ def test_xmipp_convention_skips_borders_and_rounds_centres(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mics_with_picks(tmp_path / "in", count=1, n=20)
-    code, out, _ = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out"),
-         "--box", "49", "--convention", "xmipp"],
-        capsys,
-    )  # fmt: skip
+    code, out, _ = run_in(tmp_path, capsys, "--box", "49", "--convention", "xmipp")
     assert code == 0
     assert int(re.search(r"(\d+) excluded", out).group(1)) > 0  # type: ignore[union-attr]
     with mrcfile.open(tmp_path / "out" / "Particles" / "mic0.mrcs") as stack:
@@ -267,31 +223,11 @@ def test_odd_box_is_refused_under_the_relion_convention(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mics_with_picks(tmp_path / "in", count=1)
-    code, _, err = run(
-        [
-            "--micrographs",
-            str(tmp_path / "in" / "*.mrc"),
-            "-o",
-            str(tmp_path / "out"),
-            "--box",
-            "49",
-        ],
-        capsys,
-    )
+    code, _, err = run_in(tmp_path, capsys, "--box", "49")
     assert code == 2
     assert "--box 49 is odd" in err
     assert "56" in err  # the next even FFT-efficient size
-    code, _, err = run(
-        [
-            "--micrographs",
-            str(tmp_path / "in" / "*.mrc"),
-            "-o",
-            str(tmp_path / "out"),
-            "--box",
-            "50",
-        ],
-        capsys,
-    )
+    code, _, err = run_in(tmp_path, capsys, "--box", "50")
     assert code == 0
     assert "not an FFT-efficient size" in err
 
@@ -307,9 +243,7 @@ def test_box_suggested_from_the_picking_box(
         for x, y in zip(mic.picks["rlnCoordinateX"], mic.picks["rlnCoordinateY"], strict=True)
     ]
     (tmp_path / "in" / "m.box").write_text("\n".join(lines) + "\n")
-    code, out, err = run(
-        ["--micrographs", str(tmp_path / "in" / "m.mrc"), "-o", str(tmp_path / "out")], capsys
-    )
+    code, out, err = run_in(tmp_path, capsys, micrographs="m.mrc")
     assert code == 0
     assert "box size 120 px (1.5 x picking box 80 px" in err
     assert "(120 px" in out
@@ -319,19 +253,11 @@ def test_target_pixel_size_and_phase_flip_needs_a_ctf(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mics_with_picks(tmp_path / "in", count=1)
-    code, out, _ = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out"),
-         "--box", "64", "--target-pixel-size", "2.4"],
-        capsys,
-    )  # fmt: skip
+    code, out, _ = run_in(tmp_path, capsys, "--box", "64", "--target-pixel-size", "2.4")
     assert code == 0
     assert "particles" in out
     assert "(32 px, 2.4 Å)" in out
-    code, _, err = run(
-        ["--micrographs", str(tmp_path / "in" / "*.mrc"), "-o", str(tmp_path / "out2"),
-         "--box", "64", "--phase-flip"],
-        capsys,
-    )  # fmt: skip
+    code, _, err = run_in(tmp_path, capsys, "--box", "64", "--phase-flip", out="out2")
     assert code == 2
     assert "no CTF found" in err
 
