@@ -7,18 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from flybox.io.coords import write_coordinates_star
 from flybox.io.mrc import write_micrograph
 from flybox.sim.microscope import synthetic_micrograph
-from tests.conftest import missing_component, require_binary
+from tests.helpers.hardening import PARTICLES, Inputs, relion_reads, service_on_a_full_disk
 from tests.helpers.service import (
     ServiceProcess,
     check_outputs,
@@ -30,32 +27,6 @@ from tests.helpers.service import (
 
 pytestmark = pytest.mark.slow
 
-PARTICLES = 20
-
-
-class Inputs:
-    """Micrographs and picks written by hand into the simulator's layout."""
-
-    def __init__(self, root: Path) -> None:
-        self.micrographs = root / "Micrographs"
-        self.picks = root / "AutoPick"
-        self.staging = root.parent / "staging"
-        for folder in (self.micrographs, self.picks, self.staging):
-            folder.mkdir(parents=True, exist_ok=True)
-
-    def source(self, stem: str, seed: int = 0) -> tuple[Path, pd.DataFrame]:
-        mic = synthetic_micrograph(512, PARTICLES, rng=seed)
-        path = self.staging / f"{seed}.mrc"
-        write_micrograph(path, mic.image, 1.0)
-        return path, mic.picks
-
-    def add(self, stem: str, seed: int = 0) -> Path:
-        source, picks = self.source(stem, seed)
-        write_coordinates_star(self.picks / f"{stem}_autopick.star", picks)
-        target = os.path.join(os.fsencode(self.micrographs), os.fsencode(stem) + b".mrc")
-        shutil.copyfile(source, target)
-        return Path(os.fsdecode(target))
-
 
 def records(output: Path) -> dict[str, dict[str, str]]:
     """Quarantine records by the input's file name (as the record stores it)."""
@@ -65,18 +36,6 @@ def records(output: Path) -> dict[str, dict[str, str]]:
             content = json.load(handle)
         found[os.path.basename(content["path"])] = content
     return found
-
-
-def relion_reads(star: Path, tmp_path: Path) -> None:
-    handler = require_binary("relion_star_handler")
-    result = subprocess.run(
-        [handler, "--i", str(star), "--o", str(tmp_path / "relion_copy.star")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "ERROR" not in result.stdout + result.stderr
 
 
 def test_no_bad_input_stops_the_service_and_each_is_quarantined_with_its_reason(
@@ -224,67 +183,31 @@ def test_an_output_folder_inside_the_watched_tree_is_refused(tmp_path: Path) -> 
     assert "inside the watched tree" in service.output()
 
 
-def _mount_tmpfs(target: Path, size: str) -> None:
-    if os.geteuid() != 0:
-        missing_component("a tmpfs mount (the disk-full test needs root)")
-    target.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        missing_component(f"a tmpfs mount ({result.stderr.strip()})")
-
-
-def _fill(handle: BinaryIO) -> None:
-    with pytest.raises(OSError, match="No space left"):  # noqa: PT012 - until the disk is full
-        while True:
-            handle.write(b"\0" * (1 << 20))
-            handle.flush()
-
-
 def test_a_full_disk_pauses_commits_and_the_session_finishes_when_space_returns(
     tmp_path: Path,
 ) -> None:
-    output = tmp_path / "small"
-    _mount_tmpfs(output, "24m")
-    try:
-        inputs = tmp_path / "inputs"
-        files = Inputs(inputs)
-        config = write_config(tmp_path, inputs, output, ctf=False)
-        service = ServiceProcess(config, tmp_path / "log")
-        service.start()
-        service.wait_running()
-        filler = output / "filler.bin"
-        with open(filler, "wb") as handle:  # every byte: nothing fits until it is removed
-            _fill(handle)
-        try:
-            stems = [f"m{index}" for index in range(8)]
-            for index, stem in enumerate(stems):
-                files.add(stem, seed=index)
-            wait_for(lambda: "disk full" in service.output(), 90, "the service to see ENOSPC")
-            assert service.alive(), service.output()
-            code, body = healthz(config)
-            assert code == 503, body
-            assert "disk full" in body
-            filler.unlink()
-            wait_for(
-                lambda: (
-                    committed_rows(output) == len(stems) * PARTICLES
-                    and committed_rows(output, "particles_small") == len(stems) * PARTICLES
-                ),
-                120,
-                "every particle after space returned",
-            )
-            assert "committing resumes" in service.output()
-            assert healthz(config)[0] == 200
-            assert service.terminate() == 0, service.output()
-        finally:
-            if service.alive():
-                service.kill()
+    with service_on_a_full_disk(tmp_path) as disk:  # every byte: nothing fits until it is freed
+        output, service = disk.output, disk.service
+        stems = [f"m{index}" for index in range(8)]
+        for index, stem in enumerate(stems):
+            disk.files.add(stem, seed=index)
+        wait_for(lambda: "disk full" in service.output(), 90, "the service to see ENOSPC")
+        assert service.alive(), service.output()
+        code, body = healthz(disk.config)
+        assert code == 503, body
+        assert "disk full" in body
+        disk.filler.unlink()
+        wait_for(
+            lambda: (
+                committed_rows(output) == len(stems) * PARTICLES
+                and committed_rows(output, "particles_small") == len(stems) * PARTICLES
+            ),
+            120,
+            "every particle after space returned",
+        )
+        assert "committing resumes" in service.output()
+        assert healthz(disk.config)[0] == 200
+        assert service.terminate() == 0, service.output()
         check_outputs(output, dict.fromkeys(stems, PARTICLES))
         relion_reads(output / "particles.star", tmp_path)
         service.assert_no_leftovers()
-    finally:
-        subprocess.run(["umount", "-l", str(output)], check=False)

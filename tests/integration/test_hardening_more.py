@@ -20,6 +20,7 @@ from flybox.io.coords import read_coordinates, write_coordinates_star
 from flybox.io.mrc import write_micrograph
 from flybox.sim.microscope import synthetic_micrograph
 from tests.conftest import missing_component
+from tests.helpers.hardening import PARTICLES, Inputs, relion_reads, service_on_a_full_disk
 from tests.helpers.mqtt_broker import FlyboxRun, Mosquitto, mqtt_settings, parse_sub_line
 from tests.helpers.service import (
     ServiceProcess,
@@ -29,13 +30,6 @@ from tests.helpers.service import (
     http_base,
     wait_for,
     write_config,
-)
-from tests.integration.test_hardening import (
-    PARTICLES,
-    Inputs,
-    _fill,
-    _mount_tmpfs,
-    relion_reads,
 )
 
 pytestmark = pytest.mark.slow
@@ -243,61 +237,46 @@ def _check_journal(output: Path, expected: dict[str, int]) -> None:
 def test_a_disk_that_fills_during_worker_writes_and_commits_pauses_and_the_session_finishes(
     tmp_path: Path,
 ) -> None:
-    output = tmp_path / "small"
-    _mount_tmpfs(output, "24m")
-    try:
-        inputs = tmp_path / "inputs"
-        files = Inputs(inputs)
-        config = write_config(tmp_path, inputs, output, ctf=False)
-        service = ServiceProcess(config, tmp_path / "log")
-        service.start()
-        service.wait_running()
-        filler = output / "filler.bin"
-        with open(filler, "wb") as handle:
-            _fill(handle)
-        # about 1 MiB free, and stacks of about 2.5 MB per micrograph: the first worker's stack
-        # write fails in the middle (and later commits' STAR appends or journal writes)
-        os.truncate(filler, filler.stat().st_size - (1 << 20))
-        try:
-            stems = [f"m{index}" for index in range(6)]
-            for index, stem in enumerate(stems):
-                mic = synthetic_micrograph(512, BIG, rng=index)
-                write_micrograph(files.staging / f"{stem}.mrc", mic.image, 1.0)
-                write_coordinates_star(files.picks / f"{stem}_autopick.star", mic.picks)
-                shutil.copyfile(files.staging / f"{stem}.mrc", files.micrographs / f"{stem}.mrc")
-            wait_for(lambda: "disk full" in service.output(), 120, "the service to see ENOSPC")
-            wait_for(lambda: healthz(config)[0] == 503, 60, "/healthz to answer 503")
-            assert "disk full" in healthz(config)[1]
-            # the alert event, as the metrics saw it
-            assert _metric(config, 'flybox_alert_active{rule="disk_full"}') == 1.0
-            with urllib.request.urlopen(f"{http_base(config)}/api/status", timeout=10) as response:
-                status = json.load(response)
-            assert status["health"]["disk_full"] is True, status["health"]
-            assert service.alive(), service.output()
-            assert committed_rows(output) < len(stems) * BIG
-            # a stack write (or a STAR append) ran out of space, not the journal; the units
-            # that hit it wait for space (they are not failed)
-            full = next(line for line in service.output().splitlines() if "disk full (" in line)
-            assert "OSError: [Errno 28] No space left on device" in full, full
-            filler.unlink()
-            wait_for(
-                lambda: (
-                    committed_rows(output) == len(stems) * BIG
-                    and committed_rows(output, "particles_small") == len(stems) * BIG
-                ),
-                180,
-                "every particle after space returned",
-            )
-            resumed = next(
-                line for line in service.output().splitlines() if "committing resumes" in line
-            )
-            assert "(0 micrographs waiting)" not in resumed, resumed
-            wait_for(lambda: healthz(config)[0] == 200, 30, "/healthz to recover")
-            assert _metric(config, 'flybox_alert_active{rule="disk_full"}') == 0.0
-            assert service.terminate() == 0, service.output()
-        finally:
-            if service.alive():
-                service.kill()
+    # About 1 MiB free, and stacks of about 2.5 MB per micrograph: the first worker's stack
+    # write fails in the middle (and later commits' STAR appends or journal writes).
+    with service_on_a_full_disk(tmp_path, free_bytes=1 << 20) as disk:
+        output, files, config, service = disk.output, disk.files, disk.config, disk.service
+        stems = [f"m{index}" for index in range(6)]
+        for index, stem in enumerate(stems):
+            mic = synthetic_micrograph(512, BIG, rng=index)
+            write_micrograph(files.staging / f"{stem}.mrc", mic.image, 1.0)
+            write_coordinates_star(files.picks / f"{stem}_autopick.star", mic.picks)
+            shutil.copyfile(files.staging / f"{stem}.mrc", files.micrographs / f"{stem}.mrc")
+        wait_for(lambda: "disk full" in service.output(), 120, "the service to see ENOSPC")
+        wait_for(lambda: healthz(config)[0] == 503, 60, "/healthz to answer 503")
+        assert "disk full" in healthz(config)[1]
+        # the alert event, as the metrics saw it
+        assert _metric(config, 'flybox_alert_active{rule="disk_full"}') == 1.0
+        with urllib.request.urlopen(f"{http_base(config)}/api/status", timeout=10) as response:
+            status = json.load(response)
+        assert status["health"]["disk_full"] is True, status["health"]
+        assert service.alive(), service.output()
+        assert committed_rows(output) < len(stems) * BIG
+        # a stack write (or a STAR append) ran out of space, not the journal; the units
+        # that hit it wait for space (they are not failed)
+        full = next(line for line in service.output().splitlines() if "disk full (" in line)
+        assert "OSError: [Errno 28] No space left on device" in full, full
+        disk.filler.unlink()
+        wait_for(
+            lambda: (
+                committed_rows(output) == len(stems) * BIG
+                and committed_rows(output, "particles_small") == len(stems) * BIG
+            ),
+            180,
+            "every particle after space returned",
+        )
+        resumed = next(
+            line for line in service.output().splitlines() if "committing resumes" in line
+        )
+        assert "(0 micrographs waiting)" not in resumed, resumed
+        wait_for(lambda: healthz(config)[0] == 200, 30, "/healthz to recover")
+        assert _metric(config, 'flybox_alert_active{rule="disk_full"}') == 0.0
+        assert service.terminate() == 0, service.output()
         expected = {
             stem: len(read_coordinates(files.picks / f"{stem}_autopick.star")) for stem in stems
         }
@@ -306,8 +285,6 @@ def test_a_disk_that_fills_during_worker_writes_and_commits_pauses_and_the_sessi
         for stream in ("particles", "particles_small"):
             relion_reads(output / f"{stream}.star", tmp_path)
         service.assert_no_leftovers()
-    finally:
-        subprocess.run(["umount", "-l", str(output)], check=False)
 
 
 def test_same_names_in_two_folders_and_binary_pick_files_get_records_of_their_own(
