@@ -241,18 +241,27 @@ class PickStore:
     def add_micrograph(self, path: Path, picks: Path | None = None, *, save: bool = True) -> None:
         """A micrograph joins the session (the service: once it is committed), starting from
         ``picks`` (automatic picks) unless the session saved picks of its own. A known
-        micrograph that nobody reviewed takes the new picks (a new model picked it again)."""
+        micrograph that nobody reviewed takes the new picks (a new model picked it again).
+        Proposals nobody reviewed (Autopick all) stay proposals when the micrograph joins
+        again, after a restart too: they are never taken for the user's picks."""
         name = Path(path).stem
         with self._lock:
-            record = self.records.get(name)
-            if record is not None and record.state in ("picked", "corrected"):
+            known = self.records.get(name)
+            if known is not None and known.state in ("picked", "corrected"):
                 return
-            record = MicrographRecord(name=name, path=Path(path))
             saved = self._saved_states.get(name, {})
-            if saved.get("state") == "proposed":
+            # Proposals nobody reviewed (Autopick all, here or before a restart) stay
+            # proposals: never read back as the user's picks, never training labels.
+            proposed = (known is not None and known.state == "proposed") or (
+                known is None and saved.get("state") == "proposed"
+            )
+            if proposed:
                 saved = {}
+                if picks is not None:  # a newer model's picks supersede the saved proposals
+                    self.picks_path(name).unlink(missing_ok=True)
+            record = MicrographRecord(name=name, path=Path(path))
             files = {name: picks} if picks is not None else {}
-            self._load_record(record, saved, files, {})
+            self._load_record(record, saved, files, {}, proposals=proposed)
             self.records[name] = record
             if save:
                 self._save_session()
@@ -279,7 +288,10 @@ class PickStore:
         saved: dict[str, Any],
         files: dict[str, Path],
         grouped: dict[str, list[Pick]],
+        *,
+        proposals: bool = False,
     ) -> None:
+        # ``proposals``: this micrograph's saved picks file holds unreviewed proposals.
         try:
             info = read_header(record.path)
             record.shape = (info.ny, info.nx)
@@ -292,9 +304,9 @@ class PickStore:
         discarded_path = self.folder / f"{record.name}{DISCARDED_SUFFIX}"
         try:
             if picks_path.is_file():
-                record.picks = _read_picks(picks_path, "manual")
+                record.picks = _read_picks(picks_path, "auto" if proposals else "manual")
                 if record.state == "not_visited":
-                    record.state = "picked"
+                    record.state = "proposed" if proposals else "picked"
             elif record.name in files or record.name in grouped:
                 imported = (
                     _read_picks(files[record.name], "auto")

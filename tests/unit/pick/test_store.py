@@ -82,3 +82,53 @@ def test_export_writes_star_eman_box_and_xmipp_pos(
     box = (tmp_path / "box" / "mic0.box").read_text().split()
     assert box[:4] == ["76", "96", "48", "48"]
     assert table.attrs.get("box_size") in (None, 48)
+
+
+def _proposals_file(folder: Path, name: str, xs: list[float]) -> Path:
+    """An automatic picks file as the service writes them (origin ``auto``)."""
+    from flybox.io.coords import write_coordinates_star
+    from flybox.pick.store import ORIGIN_COLUMN
+    from flybox.processors.extract import picks_frame
+
+    path = folder / f"{name}_autopick.star"
+    table = picks_frame(xs, [100.0] * len(xs)).assign(**{ORIGIN_COLUMN: "auto"})
+    write_coordinates_star(path, table)
+    return path
+
+
+def test_in_the_service_unreviewed_proposals_never_become_labels(
+    tmp_path: Path, micrograph_files: list[Path]
+) -> None:
+    # The service's picker (micrographs join with add_micrograph): proposals that nobody
+    # reviewed stay proposals when the micrograph joins again, after a restart or because a
+    # newer model picked it again, and are never training labels.
+    folder, autopick = tmp_path / "Picks", tmp_path / "AutoPick"
+    autopick.mkdir()
+    store = PickStore([], folder, particle_size=PARTICLE_SIZE, allow_empty=True)
+    mic0, mic1, mic2 = micrograph_files
+    for path in micrograph_files:
+        store.add_micrograph(path)
+    assert store.set_proposals("mic0", [Pick(100.0, 100.0, "auto", 0.9)])  # Autopick all
+    assert store.set_proposals("mic2", [Pick(150.0, 100.0, "auto", 0.8)])
+    store.set_picks("mic1", [Pick(200.0, 100.0)], [])  # a review
+    assert [r.name for r, _, _ in store.labels()] == ["mic1"]
+
+    # A newer model picked mic2 again: its picks replace the proposals (and their file).
+    store.add_micrograph(mic2, _proposals_file(autopick, "mic2", [300.0, 310.0]))
+    assert store.get("mic2").state == "proposed"
+    assert [p.x for p in store.get("mic2").picks] == [300.0, 310.0]
+    assert not store.picks_path("mic2").exists()
+    assert [r.name for r, _, _ in store.labels()] == ["mic1"]
+
+    # Restart: mic0's saved proposals come back as proposals; new picks, when the service
+    # has them, are shown instead.
+    for picks, expected in ((None, [100.0]), (_proposals_file(autopick, "mic0", [5.0]), [5.0])):
+        again = PickStore([], folder, allow_empty=True)
+        for path in (mic1, mic2):
+            again.add_micrograph(path)
+        again.add_micrograph(mic0, picks)
+        record = again.get("mic0")
+        assert (record.state, [p.x for p in record.picks]) == ("proposed", expected)
+        assert {p.origin for p in record.picks} == {"auto"}
+        assert again.get("mic1").state == "picked"
+        assert [r.name for r, _, _ in again.labels()] == ["mic1"]
