@@ -91,15 +91,19 @@ def ready_target() -> None:
     called. Idempotent; a no-op once the registries are loaded.
     """
     import numba.np.linalg as linalg
+    from numba.core.compiler_lock import global_compiler_lock
     from numba.core.registry import cpu_target
 
-    check = linalg.ensure_blas
-    if "numba.np.arraymath" not in sys.modules and importlib.util.find_spec("scipy.linalg"):
-        linalg.ensure_blas = _blas_found
-    try:
-        cpu_target.target_context.refresh()
-    finally:
-        linalg.ensure_blas = check
+    # Under numba's compiler lock, as its own compilations refresh the registries: a Dask
+    # worker warms up in one thread while another may already run a task.
+    with global_compiler_lock:
+        check = linalg.ensure_blas
+        if "numba.np.arraymath" not in sys.modules and importlib.util.find_spec("scipy.linalg"):
+            linalg.ensure_blas = _blas_found
+        try:
+            cpu_target.target_context.refresh()
+        finally:
+            linalg.ensure_blas = check
 
 
 def _blas_found() -> None:

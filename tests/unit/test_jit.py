@@ -8,10 +8,10 @@ import textwrap
 
 
 def test_the_target_is_ready_without_scipy_linalg_and_blas_kernels_still_work() -> None:
-    # In a fresh interpreter (numba's registries load once per process): after ready_target()
-    # scipy.linalg is not imported, numba still knows BLAS is there, a cached flybox kernel
-    # runs, and a kernel calling np.dot compiles and gives numpy's answer (importing
-    # scipy.linalg then).
+    # In a fresh interpreter (numba's registries load once per process): ready_target() loads
+    # them under numba's compiler lock; after it, scipy.linalg is not imported, numba still
+    # knows BLAS is there, a cached flybox kernel runs, and a kernel calling np.dot compiles
+    # and gives numpy's answer (importing scipy.linalg then).
     code = textwrap.dedent(
         """
         import sys
@@ -19,7 +19,22 @@ def test_the_target_is_ready_without_scipy_linalg_and_blas_kernels_still_work() 
         import numpy as np
         from flybox.processors.jit import ready_target
 
+        from numba.core.compiler_lock import global_compiler_lock
+        from numba.core.registry import cpu_target
+
+        # The registries load under numba's compiler lock, as numba's own compilations load
+        # them (a Dask worker warms up in one thread while another may run a task).
+        held = []
+        refresh = cpu_target.target_context.refresh
+
+        def watched_refresh():
+            held.append(global_compiler_lock.is_locked())
+            refresh()
+
+        cpu_target.target_context.refresh = watched_refresh
         ready_target()
+        cpu_target.target_context.refresh = refresh
+        assert held and held[0], "the first refresh ran without the lock"
         ready_target()  # idempotent
         import numba.np.arraymath as arraymath
         import numba.np.linalg as linalg
