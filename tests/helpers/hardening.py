@@ -5,7 +5,6 @@ is a small, full tmpfs."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,41 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import pandas as pd
 import pytest
 
-from flybox.io.coords import write_coordinates_star
-from flybox.io.mrc import write_micrograph
-from flybox.sim.microscope import synthetic_micrograph
 from tests.conftest import missing_component, require_binary
-from tests.helpers.service import ServiceProcess, write_config
-
-#: Picks per micrograph of :class:`Inputs`.
-PARTICLES = 20
-
-
-class Inputs:
-    """Micrographs and picks written by hand into the simulator's layout."""
-
-    def __init__(self, root: Path) -> None:
-        self.micrographs = root / "Micrographs"
-        self.picks = root / "AutoPick"
-        self.staging = root.parent / "staging"
-        for folder in (self.micrographs, self.picks, self.staging):
-            folder.mkdir(parents=True, exist_ok=True)
-
-    def source(self, stem: str, seed: int = 0) -> tuple[Path, pd.DataFrame]:
-        mic = synthetic_micrograph(512, PARTICLES, rng=seed)
-        path = self.staging / f"{seed}.mrc"
-        write_micrograph(path, mic.image, 1.0)
-        return path, mic.picks
-
-    def add(self, stem: str, seed: int = 0) -> Path:
-        source, picks = self.source(stem, seed)
-        write_coordinates_star(self.picks / f"{stem}_autopick.star", picks)
-        target = os.path.join(os.fsencode(self.micrographs), os.fsencode(stem) + b".mrc")
-        shutil.copyfile(source, target)
-        return Path(os.fsdecode(target))
+from tests.helpers.service import Inputs, ServiceProcess, write_config
 
 
 def relion_reads(star: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from flybox.io.coords import read_coordinates
-from flybox.io.mrc import read_header
+from flybox.io.coords import read_coordinates, write_coordinates_star
+from flybox.io.mrc import read_header, write_micrograph
 from flybox.io.star import read_relion_star
+from flybox.sim.microscope import synthetic_micrograph
 
 #: The chain of the service tests: 64-px boxes and a 32-px small set on 512² micrographs.
 TEST_CHAIN = """
@@ -219,6 +222,48 @@ def committed_rows(output: Path, stream: str = "particles") -> int:
         return len(read_relion_star(output / f"{stream}.star", "particles").rows)
     except Exception:
         return 0
+
+
+#: Picks per micrograph of :class:`Inputs`.
+PARTICLES = 20
+
+
+class Inputs:
+    """Micrographs and picks written by hand into the simulator's layout (``Micrographs/``,
+    ``AutoPick/<stem>_autopick.star``), each micrograph made in a staging folder first."""
+
+    def __init__(self, root: Path) -> None:
+        self.micrographs = root / "Micrographs"
+        self.picks = root / "AutoPick"
+        self.staging = root.parent / "staging"
+        self._made = 0
+        for folder in (self.micrographs, self.picks, self.staging):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def source(self, stem: str, seed: int = 0) -> tuple[Path, pd.DataFrame]:
+        """A 512² micrograph with :data:`PARTICLES` picks in the staging folder (under a
+        name of its own: ``stem`` may be a name the tests want refused)."""
+        mic = synthetic_micrograph(512, PARTICLES, rng=seed)
+        self._made += 1
+        path = self.staging / f"source{self._made}.mrc"
+        write_micrograph(path, mic.image, 1.0)
+        return path, mic.picks
+
+    def write_picks(self, stem: str, picks: pd.DataFrame) -> None:
+        write_coordinates_star(self.picks / f"{stem}_autopick.star", picks)
+
+    def add(self, stem: str, seed: int = 0) -> Path:
+        """A micrograph and its picks (picks first); returns the micrograph's path."""
+        source, picks = self.source(stem, seed)
+        self.write_picks(stem, picks)
+        target = os.path.join(os.fsencode(self.micrographs), os.fsencode(stem) + b".mrc")
+        shutil.copyfile(source, target)
+        return Path(os.fsdecode(target))
+
+
+def both_streams_committed(output: Path, rows: int) -> bool:
+    """Whether both cumulative STAR files (``particles``, ``particles_small``) hold ``rows``."""
+    return committed_rows(output) == rows and committed_rows(output, "particles_small") == rows
 
 
 def expected_picks(inputs: Path, stems: list[str] | None = None) -> dict[str, int]:

@@ -15,9 +15,12 @@ import pytest
 from flybox.io.coords import write_coordinates_star
 from flybox.io.mrc import write_micrograph
 from flybox.sim.microscope import synthetic_micrograph
-from tests.helpers.hardening import PARTICLES, Inputs, relion_reads, service_on_a_full_disk
+from tests.helpers.hardening import relion_reads, service_on_a_full_disk
 from tests.helpers.service import (
+    PARTICLES,
+    Inputs,
     ServiceProcess,
+    both_streams_committed,
     check_outputs,
     committed_rows,
     healthz,
@@ -198,10 +201,7 @@ def test_a_full_disk_pauses_commits_and_the_session_finishes_when_space_returns(
         assert "disk full" in body
         disk.filler.unlink()
         wait_for(
-            lambda: (
-                committed_rows(output) == len(stems) * PARTICLES
-                and committed_rows(output, "particles_small") == len(stems) * PARTICLES
-            ),
+            lambda: both_streams_committed(output, len(stems) * PARTICLES),
             120,
             "every particle after space returned",
         )

@@ -20,10 +20,13 @@ from flybox.io.coords import read_coordinates, write_coordinates_star
 from flybox.io.mrc import write_micrograph
 from flybox.sim.microscope import synthetic_micrograph
 from tests.conftest import missing_component
-from tests.helpers.hardening import PARTICLES, Inputs, relion_reads, service_on_a_full_disk
+from tests.helpers.hardening import relion_reads, service_on_a_full_disk
 from tests.helpers.mqtt_broker import FlyboxRun, Mosquitto, mqtt_settings, parse_sub_line
 from tests.helpers.service import (
+    PARTICLES,
+    Inputs,
     ServiceProcess,
+    both_streams_committed,
     check_outputs,
     committed_rows,
     healthz,
@@ -263,10 +266,7 @@ def test_a_disk_that_fills_during_worker_writes_and_commits_pauses_and_the_sessi
         assert "OSError: [Errno 28] No space left on device" in full, full
         disk.filler.unlink()
         wait_for(
-            lambda: (
-                committed_rows(output) == len(stems) * BIG
-                and committed_rows(output, "particles_small") == len(stems) * BIG
-            ),
+            lambda: both_streams_committed(output, len(stems) * BIG),
             180,
             "every particle after space returned",
         )

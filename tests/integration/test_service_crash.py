@@ -15,8 +15,8 @@ import pytest
 from flybox.sim.microscope import Acquisition, AcquisitionSettings
 from tests.helpers.service import (
     ServiceProcess,
+    both_streams_committed,
     check_outputs,
-    committed_rows,
     expected_picks,
     wait_for,
     write_config,
@@ -59,10 +59,7 @@ def test_sigkill_at_random_moments_then_restart_gives_every_particle_exactly_onc
         writer.join(60)
         total = MICROGRAPHS * PARTICLES
         wait_for(
-            lambda: (
-                committed_rows(output) == total
-                and committed_rows(output, "particles_small") == total
-            ),
+            lambda: both_streams_committed(output, total),
             120,
             f"all particles committed (seed {seed})",
         )

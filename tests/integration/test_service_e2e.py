@@ -11,16 +11,17 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from flybox.io.coords import write_coordinates_star
-from flybox.io.mrc import read_header, write_micrograph
-from flybox.sim.microscope import Acquisition, AcquisitionSettings, synthetic_micrograph
+from flybox.io.mrc import read_header
+from flybox.sim.microscope import Acquisition, AcquisitionSettings
 from tests.conftest import IN_CI
 from tests.helpers.service import (
     FOREIGN_UID,
+    PARTICLES,
+    Inputs,
     ServiceProcess,
+    both_streams_committed,
     check_outputs,
     committed_rows,
     expected_picks,
@@ -31,35 +32,6 @@ from tests.helpers.service import (
 )
 
 pytestmark = pytest.mark.slow
-
-PARTICLES = 20
-
-
-class Inputs:
-    """Micrographs and picks written by hand into the simulator's layout."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.micrographs = root / "Micrographs"
-        self.picks = root / "AutoPick"
-        self.staging = root.parent / "staging"
-        for folder in (self.micrographs, self.picks, self.staging):
-            folder.mkdir(parents=True, exist_ok=True)
-
-    def source(self, stem: str, seed: int = 0) -> tuple[Path, pd.DataFrame]:
-        mic = synthetic_micrograph(512, PARTICLES, rng=seed)
-        path = self.staging / f"{stem}.mrc"
-        write_micrograph(path, mic.image, 1.0)
-        return path, mic.picks
-
-    def write_picks(self, stem: str, picks: pd.DataFrame) -> None:
-        write_coordinates_star(self.picks / f"{stem}_autopick.star", picks)
-
-    def add(self, stem: str, seed: int = 0) -> pd.DataFrame:
-        source, picks = self.source(stem, seed)
-        shutil.copyfile(source, self.micrographs / f"{stem}.mrc")
-        self.write_picks(stem, picks)
-        return picks
 
 
 def _units(output: Path) -> list[tuple[str, int, str]]:
@@ -184,10 +156,7 @@ def test_picks_before_the_micrograph_and_rewritten_picks_make_a_new_version(
         wait_for(lambda: committed_rows(output) == 2 * PARTICLES, 60, "both micrographs")
         files.write_picks("early", picks.iloc[:7])
         wait_for(
-            lambda: (
-                committed_rows(output) == PARTICLES + 7
-                and committed_rows(output, "particles_small") == PARTICLES + 7
-            ),
+            lambda: both_streams_committed(output, PARTICLES + 7),
             60,
             "the new version",
         )

@@ -27,6 +27,7 @@ from tests.conftest import require_module
 from tests.helpers.dask_cluster import DaskProcesses
 from tests.helpers.service import (
     ServiceProcess,
+    both_streams_committed,
     check_outputs,
     committed_rows,
     expected_picks,
@@ -131,11 +132,7 @@ def test_killed_worker_is_a_failed_attempt_then_the_unit_fails_and_the_session_g
         total = (BEFORE + AFTER) * PARTICLES
         try:
             wait_for(
-                lambda: (
-                    committed_rows(output) == total
-                    and committed_rows(output, "particles_small") == total
-                    and not writer.is_alive()
-                ),
+                lambda: both_streams_committed(output, total) and not writer.is_alive(),
                 300,
                 "every other micrograph committed",
             )

@@ -19,6 +19,7 @@ from tests.conftest import require_module
 from tests.helpers.dask_cluster import DaskProcesses
 from tests.helpers.service import (
     ServiceProcess,
+    both_streams_committed,
     check_outputs,
     committed_rows,
     expected_picks,
@@ -78,10 +79,7 @@ def _finish(service: ServiceProcess, output: Path, inputs: Path, cluster: DaskPr
     total = MICROGRAPHS * PARTICLES
     try:
         wait_for(
-            lambda: (
-                committed_rows(output) == total
-                and committed_rows(output, "particles_small") == total
-            ),
+            lambda: both_streams_committed(output, total),
             150,
             "all particles committed",
         )
