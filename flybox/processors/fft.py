@@ -160,6 +160,34 @@ def _fits(array: npt.NDArray[Any], like: npt.NDArray[Any]) -> bool:
     )
 
 
+def _load(
+    fftw: pyfftw.FFTW,
+    own_in: npt.NDArray[Any],
+    own_out: npt.NDArray[Any],
+    source: npt.NDArray[Any],
+    target: npt.NDArray[Any] | None = None,
+    *,
+    in_place_ok: bool = True,
+) -> bool:
+    """Set ``fftw``'s next execution to read ``source``: where it is when that is a whole
+    aligned block (and ``target``, the output wanted instead of the plan's own, fits too;
+    returns ``True``), else copied, zero-padded, into the plan's own buffers (``False``)."""
+    if in_place_ok and _fits(source, own_in) and (target is None or _fits(target, own_out)):
+        fftw.update_arrays(source, own_out if target is None else target)
+        return True
+    _restore(fftw, own_in, own_out)
+    count = source.shape[0]
+    own_in[:count] = source
+    own_in[count:] = 0
+    return False
+
+
+def _restore(fftw: pyfftw.FFTW, own_in: npt.NDArray[Any], own_out: npt.NDArray[Any]) -> None:
+    """Point ``fftw`` back at its own buffers (after :func:`_load` pointed it elsewhere)."""
+    if fftw.input_array is not own_in or fftw.output_array is not own_out:
+        fftw.update_arrays(own_in, own_out)
+
+
 def _blocks(
     data: npt.NDArray[Any],
     plan: tuple[pyfftw.FFTW, npt.NDArray[Any], npt.NDArray[Any]],
@@ -173,26 +201,16 @@ def _blocks(
     fftw, own_in, own_out = plan
     n = data.shape[0]
     block = own_in.shape[0]
-    direct = False
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        count = stop - start
-        source, target = data[start:stop], out[start:stop]
-        if in_place_ok and _fits(source, own_in) and _fits(target, own_out):
-            fftw.update_arrays(source, target)
+    try:
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            target = out[start:stop]
+            direct = _load(fftw, own_in, own_out, data[start:stop], target, in_place_ok=in_place_ok)
             fftw.execute()
-            direct = True
-            continue
-        if direct:
-            fftw.update_arrays(own_in, own_out)
-            direct = False
-        own_in[:count] = source
-        if count < block:
-            own_in[count:] = 0
-        fftw.execute()
-        target[...] = own_out[:count]
-    if direct:
-        fftw.update_arrays(own_in, own_out)
+            if not direct:
+                target[...] = own_out[: stop - start]
+    finally:
+        _restore(fftw, own_in, own_out)
 
 
 def rfftn_last(
@@ -302,28 +320,16 @@ def cropped_rfft2(images: npt.NDArray[np.float32], m: int) -> npt.NDArray[np.com
         row_plan, column_plan = _pruned_plans(n, keep)
         real, rows = row_plan.input_array, row_plan.output_array
         columns = column_plan.output_array
-        direct = False
         try:
             for start in range(0, k, BLOCK):
                 stop = min(start + BLOCK, k)
                 count = stop - start
-                source = images[start:stop]
-                if _fits(source, real):
-                    row_plan.update_arrays(source, rows)
-                    direct = True
-                else:
-                    if direct:
-                        row_plan.update_arrays(real, rows)
-                        direct = False
-                    real[:count] = source
-                    if count < BLOCK:
-                        real[count:] = 0
+                _load(row_plan, real, rows, images[start:stop])
                 row_plan.execute()
                 column_plan.execute()
                 out[start:stop, :positive] = columns[:count, :positive]
                 if negative:
                     out[start:stop, positive:] = columns[:count, n - negative :]
         finally:
-            if direct:
-                row_plan.update_arrays(real, rows)
+            _restore(row_plan, real, rows)
     return out
