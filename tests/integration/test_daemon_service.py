@@ -49,6 +49,9 @@ class ThreadExecutor:
     def submit(self, job: MicrographJob) -> asyncio.Future[JobResult]:
         return asyncio.wrap_future(self._pool.submit(run_job, job))
 
+    def abandon(self, future: asyncio.Future[JobResult]) -> None:
+        future.cancel()
+
     async def close(self, *, cancel: bool) -> None:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
 

@@ -132,6 +132,12 @@ class DaskExecutor:
         outer.add_done_callback(lambda f: task.cancel() if f.cancelled() else None)
         return outer
 
+    def abandon(self, future: asyncio.Future[JobResult]) -> None:
+        """Give up a job: cancel its future (the Dask task is cancelled with it). A task
+        stuck in a system call on a hung file system keeps its worker thread until the call
+        returns: Dask cannot stop a running task."""
+        future.cancel()
+
     async def _settle(self, job: MicrographJob, outer: asyncio.Future[JobResult]) -> None:
         """Run a job and hand its outcome to ``outer`` (never raises into the task group)."""
         try:

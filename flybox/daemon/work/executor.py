@@ -50,6 +50,11 @@ class Executor(Protocol):
         (:class:`~flybox.errors.WorkerLostError` when the worker died)."""
         ...
 
+    def abandon(self, future: asyncio.Future[JobResult]) -> None:
+        """Give up a job that did not finish in time (``future`` came from :meth:`submit`):
+        cancel it and free what it holds as far as the executor can."""
+        ...
+
     async def close(self, *, cancel: bool) -> None:
         """Stop the workers; ``cancel``: abandon running jobs (their temporary files are
         removed by the service)."""

@@ -415,11 +415,7 @@ class UnitRunner:
                 shown(pair.micrograph.path),
                 limit,
             )
-            abandon = getattr(self.executor, "abandon", None)
-            if abandon is not None:
-                abandon(future)
-            else:
-                future.cancel()
+            self.executor.abandon(future)
             raise JobTimeoutError(
                 f"no result within {limit:.0f} s (job_timeout_seconds); worker replaced"
             )
